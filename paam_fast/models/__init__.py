@@ -1,0 +1,29 @@
+"""Models: the CIFAR ResNets, and torchvision's classifiers by name (randomly initialised)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .resnet_cifar import (CifarResNet, PadShortcut, resnet20, resnet32, resnet44, resnet56,
+                           resnet110)
+
+__all__ = ["CifarResNet", "PadShortcut", "resnet20", "resnet32", "resnet44", "resnet56",
+           "resnet110", "get_model", "CIFAR_ARCHS", "TORCHVISION_ARCHS"]
+
+CIFAR_ARCHS = {"resnet20": resnet20, "resnet32": resnet32, "resnet44": resnet44,
+               "resnet56": resnet56, "resnet110": resnet110}
+TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50", "vgg11_bn", "vgg13_bn", "vgg16_bn",
+                     "vgg19_bn", "mobilenet_v2")
+
+
+def get_model(name: str, num_classes: int = 10) -> nn.Module:
+    """A fresh model by name: CIFAR ResNets (32×32 inputs) or a torchvision classifier
+    (no pretrained weights; ``input_size`` (1, 3, 224, 224))."""
+    if name in CIFAR_ARCHS:
+        return CIFAR_ARCHS[name](num_classes)
+    if name in TORCHVISION_ARCHS:
+        import torchvision
+
+        return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    raise ValueError(f"unknown arch {name!r}; choose from {sorted(CIFAR_ARCHS)} or "
+                     f"{list(TORCHVISION_ARCHS)}")

@@ -1,0 +1,144 @@
+"""Gated modules: where a unit's gate g is applied (PAAM_METHOD.md §4).
+
+A gate before a BN is cancelled by it, so the gate multiplies the BN output by folding into BN's
+affine (γ' = g·γ, β' = g·β), or, where no BN ends the unit, into the conv (W' = g·W, b' = g·b).
+The folded tensors are fresh each step: the Parameters are never written and no extra pass over
+the activations is made.
+
+``GatedBatchNorm2d`` and ``GatedConv2d`` are what :func:`paam_fast.paamify` swaps in at the gate
+sites it finds.  ``GatedConv2d`` and ``GatedConvBN2d`` are also drop-in modules for people who
+write their own models: they compute exactly what ``nn.Conv2d`` (+ ``nn.BatchNorm2d``) computes
+until :func:`paam_fast.paamify` gives them a gate, and they declare where the gate goes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["GateBox", "GatedBatchNorm2d", "GatedConv2d", "GatedConvBN2d"]
+
+
+class GateBox:
+    """Holds one unit's gate for the current forward (a tensor in the autograd graph).
+
+    It is shared by the unit's gate sites.  Copies and pickles come out empty, because a
+    non-leaf tensor cannot be deep-copied and the gate of an old forward means nothing to a copy.
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value: torch.Tensor | None = None
+
+    def __deepcopy__(self, memo) -> GateBox:
+        return GateBox()
+
+    def __getstate__(self):
+        return None
+
+    def __setstate__(self, state) -> None:
+        self.value = None
+
+
+class _Gated:
+    """Mixin: the gate of this site, from the frozen buffer ``paam_gate`` (after compaction)
+    or from the unit's GateBox (while the scoring network runs); None means g = 1."""
+
+    _paam_box: GateBox | None = None
+    _paam_alive: torch.Tensor | None = None  # (F,) bool, for masked mode's frozen BN stats
+
+    def current_gate(self) -> torch.Tensor | None:
+        frozen = self._buffers.get("paam_gate")
+        if frozen is not None:
+            return frozen
+        box = self._paam_box
+        return None if box is None else box.value
+
+
+class GatedBatchNorm2d(_Gated, nn.BatchNorm2d):
+    """BatchNorm2d whose affine is scaled by the unit's gate: y = g·(γ·x̂ + β).
+
+    Input (N, C, H, W) -> output (N, C, H, W); gate (C,).  In masked training the running
+    statistics of dead channels (``_paam_alive`` False) are left as they were.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        use_stats = not self.training or self.track_running_stats
+        weight, bias = self.weight, self.bias
+        g = self.current_gate()
+        if g is not None:
+            g = g.to(weight.dtype) if weight is not None else g
+            weight = g if weight is None else weight * g
+            bias = None if bias is None else bias * g
+        alive = self._paam_alive
+        freeze = (alive is not None and self.training and self.track_running_stats
+                  and self.running_mean is not None)
+        if freeze:
+            old_mean, old_var = self.running_mean.clone(), self.running_var.clone()
+        out = F.batch_norm(input, self.running_mean if use_stats else None,
+                           self.running_var if use_stats else None, weight, bias, bn_training,
+                           factor, self.eps)
+        if freeze:
+            with torch.no_grad():
+                self.running_mean.copy_(torch.where(alive, self.running_mean, old_mean))
+                self.running_var.copy_(torch.where(alive, self.running_var, old_var))
+        return out
+
+
+class GatedConv2d(_Gated, nn.Conv2d):
+    """Conv2d with the unit's gate folded into its output filters: W' = g·W, b' = g·b.
+
+    Same constructor as ``nn.Conv2d``.  Input (N, C_in, H, W) -> (N, C_out, H', W'); gate
+    (C_out,).  Use it where no BatchNorm follows the conv: a BN after it would cancel the gate in
+    training (``paamify`` warns).
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        g = self.current_gate()
+        if g is None:
+            return super().forward(input)
+        g = g.to(self.weight.dtype)
+        bias = None if self.bias is None else self.bias * g
+        return self._conv_forward(input, self.weight * g[:, None, None, None], bias)
+
+
+class GatedConvBN2d(nn.Module):
+    """A conv followed by its BatchNorm, one PAAM unit whose gate folds into the BN.
+
+    Arguments: ``nn.Conv2d``'s (bias defaults to False) followed by ``nn.BatchNorm2d``'s
+    (``eps``, ``momentum``, ``affine``, ``track_running_stats``).  Input (N, C_in, H, W) ->
+    (N, C_out, H', W').  Children ``conv`` and ``bn`` keep the usual parameter names.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 dilation=1, groups: int = 1, bias: bool = False, padding_mode: str = "zeros",
+                 eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device=None, dtype=None) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation,
+                              groups, bias, padding_mode, device=device, dtype=dtype)
+        self.bn = GatedBatchNorm2d(out_channels, eps, momentum, affine, track_running_stats,
+                                   device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x))
+
+
+def recast(m: nn.Module, cls: type[nn.Module]) -> nn.Module:
+    """A module of class ``cls`` sharing ``m``'s Parameters and buffers (so an optimizer's state
+    stays valid), without paam_fast's transient attributes or frozen gate.  Used to swap gated
+    sites in (``paamify``) and out (``export``)."""
+    new = cls.__new__(cls)
+    new.__dict__ = {k: v for k, v in m.__dict__.items() if not k.startswith("_paam")}
+    for k in ("_parameters", "_buffers", "_modules"):
+        new.__dict__[k] = dict(m.__dict__[k])
+    new._buffers.pop("paam_gate", None)
+    return new

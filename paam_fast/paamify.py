@@ -1,0 +1,383 @@
+"""paamify: turn a CNN into a PAAM network in place, and the functions that act on one.
+
+``paamify`` finds the gated units from the graph (:mod:`paam_fast.graph`), swaps the gate sites
+for :mod:`paam_fast.nn`'s gated modules (sharing their Parameters), attaches a
+:class:`PaamController` as ``model.paam`` (the scoring networks, the hard masks) and a forward
+pre-hook that scores every unit at the start of each forward, batching units of equal (F, D).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+from . import dispatch
+from .graph import Space, Structure, analyse
+from .nn import GateBox, GatedBatchNorm2d, GatedConv2d, GatedConvBN2d, _Gated, recast
+from .selection import Selection, check_keep, check_mass, choose
+from .surgery import slice_space
+
+__all__ = ["PaamController", "paamify", "is_paamified", "controller", "scores", "penalty",
+           "select", "apply_masks", "freeze", "compact", "param_groups", "DEFAULT_INPUT_SIZE"]
+
+DEFAULT_INPUT_SIZE = (1, 3, 224, 224)
+
+
+class _ShapeGroup(nn.Module):
+    """Scoring networks of the units that share (F, D): stacked, so one bmm chain scores all.
+
+    Parameters: wq, wk, wv (G, D, d); w (G, d) and b (G,), zero at init so every g starts at 1.
+    """
+
+    def __init__(self, n: int, f: int, d_tok: int, dim: int, dtype, device) -> None:
+        super().__init__()
+        # Xavier-like scale for the projections; the head is zero so e = 0 and s = 1 at init.
+        std = 1.0 / math.sqrt(d_tok)
+        kw = {"dtype": dtype, "device": device}
+        self.wq = nn.Parameter(torch.randn(n, d_tok, dim, **kw) * std)
+        self.wk = nn.Parameter(torch.randn(n, d_tok, dim, **kw) * std)
+        self.wv = nn.Parameter(torch.randn(n, d_tok, dim, **kw) * std)
+        self.w = nn.Parameter(torch.zeros(n, dim, **kw))
+        self.b = nn.Parameter(torch.zeros(n, **kw))
+        self.f = f
+
+
+class PaamController(nn.Module):
+    """Everything PAAM adds to a model: ``model.paam``.
+
+    Holds the scoring networks (``groups``), the hard masks (buffers ``mask_<i>``, (F,) bool per
+    unit), the configuration and the structure found by :func:`paam_fast.graph.analyse`.
+    """
+
+    def __init__(self, model: nn.Module, structure: Structure, *, dim: int, leak: float,
+                 normalize: str, coupling: str) -> None:
+        super().__init__()
+        self.dim, self.leak, self.normalize, self.coupling = dim, leak, normalize, coupling
+        self.structure = structure
+        self.units: list[Space] = structure.units
+        self._mods = dict(model.named_modules())
+        self._boxes = [GateBox() for _ in self.units]
+        self._last = GateBox()  # list of (G, F) gates per group, from the last forward
+        self.frozen = False
+        self.compacted = False
+        # dense index of each kept channel, per space id (composed over compactions)
+        self.kept: dict[int, list[int]] = {}
+        p = next(model.parameters())
+        for i, u in enumerate(self.units):
+            self.register_buffer(f"mask_{i}", torch.ones(u.width, dtype=torch.bool,
+                                                          device=p.device))
+        by_shape: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for i, u in enumerate(self.units):
+            by_shape[(u.width, self._token_dim(u))].append(i)
+        self.groups = nn.ModuleList()
+        self.group_units: list[list[int]] = []
+        for (f, d_tok), idx in by_shape.items():
+            self.groups.append(_ShapeGroup(len(idx), f, d_tok, dim, p.dtype, p.device))
+            self.group_units.append(idx)
+
+    # ------------------------------------------------------------------ helpers
+    def _token_dim(self, u: Space) -> int:
+        return sum(self._mods[c].weight[0].numel() for c in u.token_convs)
+
+    def mask(self, i: int) -> torch.Tensor:
+        return self._buffers[f"mask_{i}"]
+
+    def masks(self) -> list[torch.Tensor]:
+        return [self.mask(i) for i in range(len(self.units))]
+
+    def tokens(self, i: int) -> torch.Tensor:
+        """Unit i's tokens (F, D): its filters flattened, detached (§3)."""
+        ws = [self._mods[c].weight.detach().flatten(1) for c in self.units[i].token_convs]
+        return ws[0] if len(ws) == 1 else torch.cat(ws, 1)
+
+    def widths(self) -> dict[int, int]:
+        """Physical width of every space now (alive counts for gated units)."""
+        w = self.structure.widths()
+        for sid, kept in self.kept.items():
+            w[sid] = len(kept)
+        if not self.compacted:
+            for i, u in enumerate(self.units):
+                w[u.id] = int(self.mask(i).sum())
+        return w
+
+    # ------------------------------------------------------------------ scoring
+    def compute_gates(self) -> list[torch.Tensor]:
+        """Score every unit: one batched chain per (F, D) group. Returns (G, F) per group."""
+        out = []
+        for grp, idx in zip(self.groups, self.group_units):
+            x = torch.stack([self.tokens(i) for i in idx]) if len(idx) > 1 \
+                else self.tokens(idx[0])[None]
+            masks = [self.mask(i) for i in idx]
+            alive = None if all(bool(m.all()) for m in masks) else torch.stack(masks)
+            out.append(dispatch.score(x, grp.wq, grp.wk, grp.wv, grp.w, grp.b, alive,
+                                      self.leak, self.normalize))
+        return out
+
+    def refresh(self) -> None:
+        """Compute this forward's gates and hand each unit's to its gate sites."""
+        if self.frozen:
+            return
+        gates = self.compute_gates()
+        self._last.value = gates
+        for g, idx in zip(gates, self.group_units):
+            for row, i in enumerate(idx):
+                self._boxes[i].value = g[row]
+
+    def unit_gates(self, detach: bool = True) -> list[torch.Tensor]:
+        """Per unit (F,) gates of the last forward (frozen gates once frozen)."""
+        if self.frozen:
+            return [self._mods[u.sites[0]].paam_gate for u in self.units]
+        if self._last.value is None:
+            raise RuntimeError("no scores yet: run a forward pass of the model first")
+        out: list[torch.Tensor | None] = [None] * len(self.units)
+        for g, idx in zip(self._last.value, self.group_units):
+            for row, i in enumerate(idx):
+                out[i] = g[row].detach() if detach else g[row]
+        return out
+
+    def filter_costs(self, cost: str) -> list[float]:
+        """c_l of §5: what one filter of each unit costs now, consumers' slices included."""
+        if cost == "uniform":
+            return [1.0] * len(self.units)
+        if cost not in ("params", "flops"):
+            raise ValueError(f"cost must be 'uniform', 'params' or 'flops', got {cost!r}")
+        w = self.widths()
+        out = []
+        for u in self.units:
+            touching = self.structure.costs_touching(u.id)
+            f = (lambda c, ww: c.params(ww)) if cost == "params" else (lambda c, ww: c.macs(ww))
+            now = sum(f(c, w) for c in touching)
+            w2 = dict(w)
+            w2[u.id] = max(w[u.id] - 1, 0)
+            out.append(float(now - sum(f(c, w2) for c in touching)))
+        return out
+
+    def _pre_forward(self, module, args) -> None:
+        self.refresh()
+
+
+def is_paamified(model: nn.Module) -> bool:
+    return isinstance(getattr(model, "paam", None), PaamController)
+
+
+def controller(model: nn.Module) -> PaamController:
+    ctrl = getattr(model, "paam", None)
+    if not isinstance(ctrl, PaamController):
+        raise ValueError("this model is not paamified: call paam_fast.paamify(model) first")
+    return ctrl
+
+
+def _forced_sites(model: nn.Module) -> dict[str, str]:
+    forced = {}
+    for name, m in model.named_modules():
+        if isinstance(m, GatedConvBN2d):
+            forced[f"{name}.conv" if name else "conv"] = f"{name}.bn" if name else "bn"
+        elif isinstance(m, GatedConv2d):
+            forced[name] = name
+    return forced
+
+
+def paamify(model: nn.Module, coupling: str = "internal", dim: int = 32, leak: float = 0.01,
+            normalize: str = "max", input_size: tuple[int, ...] | None = None) -> nn.Module:
+    """Make ``model`` a PAAM network, in place, and return it.
+
+    Args:
+        model: an fx-traceable CNN (torchvision classifiers, ``paam_fast.models``, models built
+            from ``paam_fast.nn``'s drop-in modules).
+        coupling: "internal" (default) or "grouped" (channels tied by residual adds share a gate).
+        dim: attention width d; leak: the leaky-exp slope α above 0.
+        normalize: "max" (g = s / max s, default) or "none" (g = s, the paper-literal variant).
+        input_size: (N, C, H, W) at which FLOPs are counted; default ``model.input_size`` if the
+            model has one (``paam_fast.models`` do), else (1, 3, 224, 224).
+    Returns:
+        the same model, with ``model.paam`` (:class:`PaamController`).  Units that cannot be gated
+        are listed in ``model.paam.structure.ungated`` with the reason.
+    """
+    if is_paamified(model):
+        raise ValueError("this model is already paamified (model.paam exists); paamify it once")
+    if not isinstance(dim, int) or dim < 1:
+        raise ValueError(f"dim must be a positive integer, got {dim!r}")
+    if not (isinstance(leak, (int, float)) and 0 <= leak < math.inf):
+        raise ValueError(f"leak must be a finite non-negative number, got {leak!r}")
+    if normalize not in ("max", "none"):
+        raise ValueError(f"normalize must be 'max' or 'none', got {normalize!r}")
+    params = list(model.parameters())
+    if not params:
+        raise ValueError("the model has no parameters to prune")
+    if any(p.is_meta for p in params):
+        raise ValueError("the model is on the meta device: materialise it (e.g. model.to_empty("
+                         "device='cpu') and initialise) before paamify; scoring needs real weights")
+    if input_size is None:
+        input_size = tuple(getattr(model, "input_size", DEFAULT_INPUT_SIZE))
+        if len(input_size) == 3:
+            input_size = (1, *input_size)
+    structure = analyse(model, tuple(input_size), coupling, _forced_sites(model))
+    if not structure.units:
+        reasons = "; ".join(f"{n}: {r}" for n, r in structure.ungated[:5])
+        raise ValueError(f"paam_fast found no unit it can gate in {type(model).__name__} "
+                         f"(coupling={coupling!r}). {reasons}")
+    for w in structure.warnings:
+        import warnings
+
+        warnings.warn(w, stacklevel=2)
+    # Swap the gate sites (and every BN of a unit, for masked mode's frozen statistics).
+    swap = {}
+    for u in structure.units:
+        for name in u.sites + u.channelwise:
+            m = model.get_submodule(name)
+            if isinstance(m, _Gated):
+                continue
+            if isinstance(m, nn.BatchNorm2d):
+                swap[name] = recast(m, GatedBatchNorm2d)
+            elif isinstance(m, nn.Conv2d) and name in u.sites:
+                swap[name] = recast(m, GatedConv2d)
+    for name, new in swap.items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+    ctrl = PaamController(model, structure, dim=dim, leak=float(leak), normalize=normalize,
+                          coupling=coupling)
+    model.paam = ctrl
+    for i, u in enumerate(structure.units):
+        for name in u.sites:
+            ctrl._mods[name]._paam_box = ctrl._boxes[i]
+    model.register_forward_pre_hook(ctrl._pre_forward)
+    return model
+
+
+# ---------------------------------------------------------------------- public functions
+def scores(model: nn.Module) -> dict[str, torch.Tensor]:
+    """{unit name: fp32 (F,) gate values g} of the last forward (dead filters 0)."""
+    ctrl = controller(model)
+    return {u.name: g.detach().float().clone() for u, g in zip(ctrl.units, ctrl.unit_gates())}
+
+
+def penalty(model: nn.Module, cost: str = "uniform") -> torch.Tensor:
+    """The additive term of §5: Σ_l Σ_i c_l·g_li / Σ_l Σ_i c_l over alive filters (fp32 scalar,
+    differentiable w.r.t. the scoring networks).  Zero once the gates are frozen."""
+    ctrl = controller(model)
+    if ctrl.frozen:
+        p = next(model.parameters())
+        return torch.zeros((), dtype=torch.float32, device=p.device)
+    gates = ctrl.unit_gates(detach=False)
+    c = ctrl.filter_costs(cost)
+    num = sum(ci * g.float().sum() for ci, g in zip(c, gates))
+    den = sum(ci * int(m.sum()) for ci, m in zip(c, ctrl.masks()))
+    return num / max(den, 1e-30)
+
+
+def select(model: nn.Module, keep: float | None = None, mass: float | None = None,
+           cost: str = "params", min_keep: float = 0.05, round_to: int = 1) -> Selection:
+    """Global selection (§6.2) on the last forward's gates; applies the hard masks.
+
+    Args:
+        keep: budget mode, a fraction in (0, 1] of the dense model's ``cost``.
+        mass: mass mode, a fraction in (0, 1] of the summed gates (default 0.95 if neither).
+        cost: "params" or "flops"; min_keep: per-unit floor fraction; round_to: width multiple.
+    Returns:
+        the :class:`~paam_fast.selection.Selection`; the model's masks now hold it.
+    """
+    ctrl = controller(model)
+    if ctrl.frozen:
+        raise ValueError("gates are frozen (the model was compacted or frozen): nothing to select")
+    if keep is None and mass is None:
+        mass = 0.95
+    if keep is not None:
+        check_keep(keep)
+    if mass is not None:
+        check_mass(mass)
+    gates = ctrl.unit_gates()
+    sel = choose(ctrl.units, gates, ctrl.masks(), ctrl.structure, ctrl.widths(), keep=keep,
+                 mass=mass, cost=cost, min_keep=min_keep, round_to=round_to)
+    apply_masks(model, sel.alive)
+    return sel
+
+
+def apply_masks(model: nn.Module, alive: dict[str, torch.Tensor]) -> None:
+    """Set the hard masks (unit name -> (F,) bool) and point the units' BNs at them."""
+    ctrl = controller(model)
+    for i, u in enumerate(ctrl.units):
+        if u.name in alive:
+            ctrl.mask(i).copy_(alive[u.name].to(ctrl.mask(i).device))
+        full = bool(ctrl.mask(i).all())
+        for name in u.channelwise:
+            m = ctrl._mods[name]
+            if isinstance(m, GatedBatchNorm2d):
+                m._paam_alive = None if full else ctrl.mask(i)
+    if ctrl._last.value is not None:  # the last forward's gates, masked, for scores()/select()
+        ctrl._last.value = [g * torch.stack([ctrl.mask(i) for i in idx]).to(g.dtype)
+                            for g, idx in zip(ctrl._last.value, ctrl.group_units)]
+
+
+def _drop_from_optimizer(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> None:
+    ids = {id(p) for p in params}
+    for group in optimizer.param_groups:
+        group["params"] = [p for p in group["params"] if id(p) not in ids]
+    for p in params:
+        optimizer.state.pop(p, None)
+
+
+def freeze(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Freeze the gates at their current values (masked) as buffers ``paam_gate`` on the gate
+    sites and drop the scoring networks (their parameters leave ``optimizer``; its param groups
+    stay, possibly empty, so LR schedulers still line up)."""
+    ctrl = controller(model)
+    if ctrl.frozen:
+        return
+    with torch.no_grad():
+        gates = ctrl.compute_gates()
+    for g, idx in zip(gates, ctrl.group_units):
+        for row, i in enumerate(idx):
+            gi = (g[row] * ctrl.mask(i).to(g.dtype)).detach()
+            for name in ctrl.units[i].sites:
+                site = ctrl._mods[name]
+                site.register_buffer("paam_gate", gi.to(site.weight.dtype).clone())
+                site._paam_box = None
+    if optimizer is not None:
+        _drop_from_optimizer(optimizer, list(ctrl.groups.parameters()))
+    ctrl.groups = nn.ModuleList()
+    ctrl.group_units = []
+    ctrl._last.value = None
+    ctrl.frozen = True
+
+
+def compact(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
+    """Remove the dropped filters physically, in place (§6.3 "compact").
+
+    Conv rows, BN entries, depthwise filters, the consumers' input channels and the classifier's
+    features are sliced; ``optimizer``'s state is sliced with them (same optimizer object); the
+    kept gates become frozen buffers and the scoring networks are dropped.
+    Returns {unit name: kept width}.
+    """
+    ctrl = controller(model)
+    if ctrl.compacted:
+        return {u.name: len(ctrl.kept[u.id]) for u in ctrl.units}
+    freeze(model, optimizer)
+    for i, u in enumerate(ctrl.units):
+        mask = ctrl.mask(i)
+        idx = torch.nonzero(mask).flatten()
+        if idx.numel() == 0:
+            raise RuntimeError(f"unit '{u.name}' has no alive filter")
+        if idx.numel() < mask.numel():
+            slice_space(ctrl._mods, u.producers, u.channelwise, u.consumers, idx, optimizer)
+        ctrl.kept[u.id] = idx.tolist()
+        ctrl._buffers[f"mask_{i}"] = torch.ones(idx.numel(), dtype=torch.bool, device=mask.device)
+        for name in u.channelwise:
+            ctrl._mods[name]._paam_alive = None
+    ctrl.compacted = True
+    return {u.name: len(ctrl.kept[u.id]) for u in ctrl.units}
+
+
+def param_groups(model: nn.Module, weight_decay: float = 1e-4) -> list[dict]:
+    """Optimizer param groups of §6: the network with ``weight_decay``, the scoring networks
+    without (their group is named "paam" and stays, empty, after compaction)."""
+    ctrl = controller(model)
+    an = {id(p) for p in ctrl.parameters()}
+    net = [p for p in model.parameters() if id(p) not in an]
+    return [{"params": net, "weight_decay": weight_decay, "name": "net"},
+            {"params": list(ctrl.parameters()), "weight_decay": 0.0, "name": "paam"}]
+
+
+

@@ -1,0 +1,177 @@
+"""The pruning schedule of PAAM_METHOD.md §6, usable from any training loop.
+
+    pruner = pf.Pruner(model, optimizer, epochs=182, lam=0.2, keep=0.48)
+    for epoch in range(epochs):
+        for x, y in loader:
+            loss = criterion(model(x), y) + pruner.penalty()
+            ...
+        events = pruner.epoch_end(epoch)
+
+The pruner owns λ (and the ``target=`` controller that adjusts it), the selection epoch, and
+what happens after selection ("compact": one selection and physical removal; "masked": ``steps``
+selection events between ``select_epoch`` and ``final_epoch`` with the budget interpolated from
+dense to ``keep``, then physical removal).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .paamify import apply_masks, compact, controller, penalty, select
+from .selection import check_keep, check_mass, choose
+
+__all__ = ["Pruner", "DEFAULT_LAMBDA"]
+
+# λ of the first GPU probe (ResNet56, CIFAR-10); the project's validation search may change it.
+DEFAULT_LAMBDA = 0.2
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) \
+        else model
+
+
+class Pruner:
+    """PAAM's schedule for a paamified ``model`` trained with ``optimizer``.
+
+    Args:
+        epochs: total epochs of the run.
+        lam: λ, the coefficient of the penalty.
+        keep: final fraction of the dense model's ``select_cost`` (budget mode), or
+        mass: mass-mode fraction (default 0.95 when neither keep nor target is given), or
+        target: a fraction of ``select_cost`` to keep, reached by adjusting λ each epoch before
+            selection so that mass-mode selection lands on it.
+        cost: the penalty's filter cost ("uniform", "params", "flops").
+        select_cost: what ``keep`` / ``target`` measure ("params" or "flops").
+        select_epoch: E_sel, default 30% of ``epochs``; final_epoch: E_final (masked mode),
+            default 50%.
+        after_select: "compact" or "masked"; steps: selection events in masked mode.
+        min_keep, round_to: see :func:`paam_fast.select`.
+        target_gain: how fast λ follows the target (λ *= exp(gain·(kept − target)/target)).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, epochs: int,
+                 lam: float = DEFAULT_LAMBDA, keep: float | None = None,
+                 mass: float | None = None, target: float | None = None, cost: str = "uniform",
+                 select_cost: str = "params", select_epoch: int | None = None,
+                 final_epoch: int | None = None, after_select: str = "compact", steps: int = 4,
+                 min_keep: float = 0.05, round_to: int = 1, target_gain: float = 1.0) -> None:
+        self.model = _unwrap(model)
+        controller(self.model)
+        if not isinstance(epochs, int) or epochs < 1:
+            raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+        if not (isinstance(lam, (int, float)) and lam >= 0 and math.isfinite(lam)):
+            raise ValueError(f"lam must be a finite non-negative number, got {lam!r}")
+        if sum(v is not None for v in (keep, mass, target)) > 1:
+            raise ValueError("give at most one of keep=, mass=, target=")
+        if keep is not None:
+            check_keep(keep)
+        if target is not None:
+            check_keep(target)
+        if keep is None and target is None and mass is None:
+            mass = 0.95
+        if mass is not None:
+            check_mass(mass)
+        if after_select not in ("compact", "masked"):
+            raise ValueError(f"after_select must be 'compact' or 'masked', got {after_select!r}")
+        if cost not in ("uniform", "params", "flops"):
+            raise ValueError(f"cost must be 'uniform', 'params' or 'flops', got {cost!r}")
+        if select_cost not in ("params", "flops"):
+            raise ValueError(f"select_cost must be 'params' or 'flops', got {select_cost!r}")
+        self.optimizer = optimizer
+        self.epochs = epochs
+        self.lam = float(lam)
+        self.keep, self.mass, self.target = keep, mass, target
+        self.cost, self.select_cost = cost, select_cost
+        self.select_epoch = max(1, round(0.3 * epochs)) if select_epoch is None else select_epoch
+        self.final_epoch = (max(self.select_epoch, round(0.5 * epochs)) if final_epoch is None
+                            else final_epoch)
+        if not (1 <= self.select_epoch <= epochs):
+            raise ValueError(f"select_epoch must be in [1, {epochs}], got {self.select_epoch}")
+        if not (self.select_epoch <= self.final_epoch <= epochs):
+            raise ValueError(f"final_epoch must be in [select_epoch, epochs], got "
+                             f"{self.final_epoch}")
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        self.after_select, self.steps = after_select, steps
+        self.min_keep, self.round_to, self.target_gain = min_keep, round_to, target_gain
+        self.events_done = 0
+        self.final_keep: float | None = keep
+
+    # --------------------------------------------------------------- per step
+    def penalty(self) -> torch.Tensor:
+        """λ · penalty (fp32 scalar); zero once the gates are frozen."""
+        return self.lam * penalty(self.model, self.cost)
+
+    @property
+    def active(self) -> bool:
+        """True while the scoring networks train."""
+        return not controller(self.model).frozen
+
+    # --------------------------------------------------------------- per epoch
+    def _event_epochs(self) -> list[int]:
+        if self.after_select == "compact":
+            return [self.select_epoch]
+        span = self.final_epoch - self.select_epoch
+        return [self.select_epoch + round(k * span / self.steps) for k in range(self.steps)]
+
+    def _kept_fraction_mass(self) -> float:
+        ctrl = controller(self.model)
+        sel = choose(ctrl.units, ctrl.unit_gates(), ctrl.masks(), ctrl.structure, ctrl.widths(),
+                     mass=self.mass or 0.95, cost=self.select_cost, min_keep=self.min_keep,
+                     round_to=self.round_to)
+        if self.select_cost == "params":
+            return sel.params / sel.dense_params
+        return sel.flops / max(sel.dense_flops, 1)
+
+    def epoch_end(self, epoch: int) -> list[dict]:
+        """Call after epoch ``epoch`` (0-based) finished. Returns what happened, as dicts with
+        "event" in {"lambda", "select", "compact"}."""
+        events: list[dict] = []
+        done = epoch + 1
+        ctrl = controller(self.model)
+        if ctrl.frozen:
+            return events
+        plan = self._event_epochs()
+        if self.target is not None and done < self.select_epoch:
+            frac = self._kept_fraction_mass()
+            old = self.lam
+            step = self.target_gain * (frac - self.target) / self.target
+            self.lam = float(min(max(self.lam * math.exp(max(min(step, 2.0), -2.0)), 1e-6), 1e4))
+            events.append({"epoch": epoch, "event": "lambda", "lam_before": old,
+                           "lam": self.lam, "kept_fraction_mass": frac})
+        while self.events_done < len(plan) and plan[self.events_done] <= done:
+            k = self.events_done
+            if self.after_select == "compact":
+                sel = (select(self.model, keep=self.keep, cost=self.select_cost,
+                              min_keep=self.min_keep, round_to=self.round_to)
+                       if self.keep is not None else
+                       select(self.model, mass=self.mass or 0.95, cost=self.select_cost,
+                              min_keep=self.min_keep, round_to=self.round_to))
+            else:
+                if self.final_keep is None:  # mass / target: the first event fixes the goal
+                    self.final_keep = self._kept_fraction_mass()
+                keep_k = 1 - (1 - self.final_keep) * (k + 1) / self.steps
+                sel = select(self.model, keep=keep_k, cost=self.select_cost,
+                             min_keep=self.min_keep, round_to=self.round_to)
+            self.events_done += 1
+            events.append({"epoch": epoch, "event": "select", "index": k, **sel.to_dict()})
+        if self.events_done == len(plan) and (self.after_select == "compact"
+                                              or done >= self.final_epoch):
+            widths = compact(self.model, self.optimizer)
+            events.append({"epoch": epoch, "event": "compact", "widths": widths})
+        return events
+
+    # --------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict:
+        return {"lam": self.lam, "events_done": self.events_done, "final_keep": self.final_keep}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.lam = float(state["lam"])
+        self.events_done = int(state["events_done"])
+        self.final_keep = state["final_keep"]
+
+

@@ -1,0 +1,95 @@
+"""Physical removal of channels (PAAM_METHOD.md §6.3 "compact"): conv rows, BN entries,
+depthwise filters, the consumers' input channels and the classifier's features through flatten,
+with an optimizer's state sliced in place.
+
+Parameters keep their identity (``p.data`` is replaced), so the optimizer object, its param
+groups and any reference a user holds stay valid; every state tensor shaped like the parameter
+(SGD momentum, Adam's moments, ...) is sliced with it; per-parameter scalars (Adam's ``step``)
+are kept.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["slice_param", "slice_buffer", "slice_space"]
+
+
+def slice_param(p: nn.Parameter, dim: int, idx: torch.Tensor,
+                optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Keep entries ``idx`` (sorted LongTensor) of ``p`` along ``dim``, in place."""
+    old_shape = p.shape
+    idx = idx.to(p.device)
+    if optimizer is not None:
+        state = optimizer.state.get(p)
+        if state:
+            for k, v in list(state.items()):
+                if torch.is_tensor(v) and v.shape == old_shape:
+                    state[k] = v.index_select(dim, idx).clone()
+    if p.grad is not None:
+        p.grad = p.grad.index_select(dim, idx).clone()
+    p.data = p.data.index_select(dim, idx).clone()
+
+
+def slice_buffer(m: nn.Module, name: str, dim: int, idx: torch.Tensor) -> None:
+    buf = m._buffers.get(name)
+    if buf is not None:
+        m._buffers[name] = buf.index_select(dim, idx.to(buf.device)).clone()
+
+
+def _slice_out(m: nn.Module, idx: torch.Tensor, optimizer) -> None:
+    """Keep output channels ``idx`` of a conv, depthwise conv or BN."""
+    n = int(idx.numel())
+    if isinstance(m, nn.Conv2d):
+        depthwise = m.groups > 1 and m.groups == m.in_channels == m.out_channels
+        slice_param(m.weight, 0, idx, optimizer)
+        if m.bias is not None:
+            slice_param(m.bias, 0, idx, optimizer)
+        m.out_channels = n
+        if depthwise:
+            m.in_channels = m.groups = n
+    elif isinstance(m, nn.BatchNorm2d):
+        for p in (m.weight, m.bias):
+            if p is not None:
+                slice_param(p, 0, idx, optimizer)
+        slice_buffer(m, "running_mean", 0, idx)
+        slice_buffer(m, "running_var", 0, idx)
+        m.num_features = n
+    else:
+        raise TypeError(f"cannot slice the output channels of {type(m).__name__}")
+    slice_buffer(m, "paam_gate", 0, idx)
+    if getattr(m, "_paam_alive", None) is not None:
+        m._paam_alive = None
+
+
+def _slice_in(m: nn.Module, idx: torch.Tensor, block: int, optimizer) -> None:
+    """Keep input channels ``idx`` of a conv, or their ``block`` features each of a Linear."""
+    if isinstance(m, nn.Conv2d):
+        slice_param(m.weight, 1, idx, optimizer)
+        m.in_channels = int(idx.numel())
+    elif isinstance(m, nn.Linear):
+        feat = (idx[:, None] * block + torch.arange(block, device=idx.device)).flatten()
+        slice_param(m.weight, 1, feat, optimizer)
+        m.in_features = int(feat.numel())
+    else:
+        raise TypeError(f"cannot slice the input channels of {type(m).__name__}")
+
+
+def slice_space(mods: dict[str, nn.Module], producers: list[str], channelwise: list[str],
+                consumers: list[tuple[str, int]], idx: torch.Tensor,
+                optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Remove every channel of one space but ``idx`` from all the modules that carry it.
+
+    Args:
+        mods: name -> module of the model.
+        producers / channelwise: modules whose output channels are the space (dim 0 sliced).
+        consumers: (name, block) of convs (block 1) and Linear layers reading the space (dim 1).
+        idx: kept channel indices, sorted, 1-D LongTensor, at least one.
+    """
+    if idx.numel() == 0:
+        raise ValueError("cannot remove every channel of a unit")
+    for name in list(producers) + list(channelwise):
+        _slice_out(mods[name], idx, optimizer)
+    for name, block in consumers:
+        _slice_in(mods[name], idx, block, optimizer)
