@@ -14,8 +14,18 @@ are the paper's and which are ours.
 from . import models, nn
 from .count import count
 from .export import apply_plan, export, load, plan_of, save
-from .paamify import (PaamController, apply_masks, compact, freeze, is_paamified, paamify,
-                      param_groups, penalty, scores, select)
+from .paamify import (
+                      PaamController,
+                      apply_masks,
+                      compact,
+                      freeze,
+                      is_paamified,
+                      paamify,
+                      param_groups,
+                      penalty,
+                      scores,
+                      select,
+)
 from .pruner import Pruner
 from .report import Report, report
 from .selection import Selection

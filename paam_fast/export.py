@@ -124,7 +124,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
                "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
     path = os.fspath(path)
     d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".paam-", dir=d)
+    fd, tmp = tempfile.mkstemp(prefix="tmp-paam-", suffix=".part", dir=d)
     os.close(fd)
     try:
         torch.save(payload, tmp)
@@ -137,11 +137,20 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
 def load(path: str | os.PathLike, model_fn: Callable[[], nn.Module],
          map_location: str | torch.device = "cpu") -> nn.Module:
     """Rebuild a saved model: ``model_fn()`` (the dense architecture), the plan, the weights."""
-    payload = torch.load(os.fspath(path), map_location=map_location, weights_only=True)
+    try:
+        payload = torch.load(os.fspath(path), map_location=map_location, weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError) as e:
+        raise ValueError(f"cannot read {os.fspath(path)} as a paam_fast model file: {e}") from e
+    except Exception as e:  # unpickling errors of a corrupt or foreign file
+        raise ValueError(f"{os.fspath(path)} is not a paam_fast model file ({e})") from e
     if not isinstance(payload, dict) or payload.get("format") != PLAN_FORMAT:
         raise ValueError(f"{os.fspath(path)} is not a paam_fast model file")
     plan = json.loads(payload["plan"])
     model = model_fn()
     apply_plan(model, plan)
-    model.load_state_dict(payload["state_dict"])
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as e:
+        raise ValueError(f"the weights in {os.fspath(path)} do not fit the model built by "
+                         f"model_fn (a different architecture?): {str(e)[:300]}") from e
     return model

@@ -205,7 +205,8 @@ def _trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
         graph = _Tracer().trace(model)
     except Exception as e:  # fx raises many kinds; the user needs the cause, not the kind
         raise TypeError(
-            f"paam_fast could not trace {type(model).__name__} with torch.fx ({e}). Gated units are "
+            f"paam_fast could not trace {type(model).__name__} with torch.fx ({e}). Gated units "
+            "are "
             "found from the graph; models with data-dependent control flow are not supported."
         ) from e
     gm = fx.GraphModule(model, graph)
@@ -277,7 +278,8 @@ def analyse(model: nn.Module, input_size: tuple[int, ...], coupling: str = "inte
         if not _is_tensor(node):
             # Non-tensor results (sizes, tuples): a tuple of tensors is opaque to us.
             if node.op != "placeholder" and node.meta.get("tensor_meta") is not None:
-                fix(node.all_input_nodes, f"consumed by '{node.target}', which returns several tensors")
+                fix(node.all_input_nodes,
+                    f"consumed by '{node.target}', which returns several tensors")
             continue
         shape = _shape(node)
         out_w = shape[1] if len(shape) >= 2 else 1
@@ -367,7 +369,7 @@ def analyse(model: nn.Module, input_size: tuple[int, ...], coupling: str = "inte
         space_of[node] = new_space(out_w, f"produced by unsupported operation '{label}'")
 
     # A module called more than once shares weights between places: leave its spaces alone.
-    for kind, name, s in role:
+    for _, name, s in role:
         if calls.get(name, 0) > 1 and s >= 0:
             fixed[s].append(f"'{name}' is called {calls[name]} times")
 
@@ -421,7 +423,8 @@ def analyse(model: nn.Module, input_size: tuple[int, ...], coupling: str = "inte
         if sp.id not in seen and not sp.fixed and sp.producers:
             seen.add(sp.id)
             ordered.append(sp)
-    ungated = [(sp.name, "; ".join(sp.fixed)) for sp in spaces.values() if sp.producers and sp.fixed]
+    ungated = [(sp.name, "; ".join(sp.fixed)) for sp in spaces.values()
+               if sp.producers and sp.fixed]
 
     costs, covered = _cost_model(mods, role, uf, spaces, linear_in, spatial)
     total = sum(p.numel() for n, p in model.named_parameters()
@@ -514,7 +517,8 @@ def _cost_model(mods, role, uf, spaces, linear_in, spatial) -> tuple[list[Module
             c = ModuleCost(name, "bn", o, i, dense, bias=m.affine, out_dense=m.num_features,
                            in_dense=m.num_features)
         elif isinstance(m, nn.Linear):
-            width = spaces[uf.find(linear_in[name][0])].width if name in linear_in else m.in_features
+            width = (spaces[uf.find(linear_in[name][0])].width if name in linear_in
+                     else m.in_features)
             c = ModuleCost(name, "linear", None, i, dense, k=m.in_features // max(width, 1),
                            bias=m.bias is not None, out_dense=m.out_features, in_dense=width)
             if name not in linear_in:

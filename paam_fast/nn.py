@@ -69,7 +69,8 @@ class GatedBatchNorm2d(_Gated, nn.BatchNorm2d):
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
-            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+            factor = (1.0 / float(self.num_batches_tracked) if self.momentum is None
+                      else self.momentum)
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         use_stats = not self.training or self.track_running_stats
         weight, bias = self.weight, self.bias
@@ -79,17 +80,18 @@ class GatedBatchNorm2d(_Gated, nn.BatchNorm2d):
             weight = g if weight is None else weight * g
             bias = None if bias is None else bias * g
         alive = self._paam_alive
-        freeze = (alive is not None and self.training and self.track_running_stats
-                  and self.running_mean is not None)
+        mean = self.running_mean if use_stats else None
+        var = self.running_var if use_stats else None
+        freeze = alive is not None and self.training and mean is not None
         if freeze:
-            old_mean, old_var = self.running_mean.clone(), self.running_var.clone()
-        out = F.batch_norm(input, self.running_mean if use_stats else None,
-                           self.running_var if use_stats else None, weight, bias, bn_training,
-                           factor, self.eps)
+            # Update copies, then take only the alive channels' new statistics: dead channels
+            # keep theirs.  (The copies, not the buffers, are what backward may have saved.)
+            mean, var = mean.clone(), var.clone()
+        out = F.batch_norm(input, mean, var, weight, bias, bn_training, factor, self.eps)
         if freeze:
             with torch.no_grad():
-                self.running_mean.copy_(torch.where(alive, self.running_mean, old_mean))
-                self.running_var.copy_(torch.where(alive, self.running_var, old_var))
+                self.running_mean.copy_(torch.where(alive, mean, self.running_mean))
+                self.running_var.copy_(torch.where(alive, var, self.running_var))
         return out
 
 

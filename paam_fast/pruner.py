@@ -20,7 +20,7 @@ import math
 import torch
 from torch import nn
 
-from .paamify import apply_masks, compact, controller, penalty, select
+from .paamify import compact, controller, penalty, select
 from .selection import check_keep, check_mass, choose
 
 __all__ = ["Pruner", "DEFAULT_LAMBDA"]

@@ -92,7 +92,7 @@ def choose(units: list[Space], gates: list[torch.Tensor], alive: list[torch.Tens
             raise ValueError(f"unit '{u.name}' has non-finite scores (NaN or inf); the scoring "
                              "network diverged: lower the learning rate or λ")
     fn = (lambda c, w: c.params(w)) if cost == "params" else (lambda c, w: c.macs(w))
-    total_of = (lambda w: structure.params(w)) if cost == "params" else (lambda w: structure.macs(w))
+    total_of = structure.params if cost == "params" else structure.macs
     dense_w = structure.widths()
     w = dict(widths)
     n_alive = [int(a.sum()) for a in alive]
@@ -144,7 +144,7 @@ def choose(units: list[Space], gates: list[torch.Tensor], alive: list[torch.Tens
         n_keep = int(torch.searchsorted(csum, mass * float(csum[-1]) * (1 - 1e-12)).item()) + 1
         n_keep = min(n_keep, int(vals.numel()))
         counts = torch.bincount(owner[perm[:n_keep]], minlength=len(units)).tolist()
-        for i, u in enumerate(units):
+        for i in range(len(units)):
             count[i] = max(counts[i], floors[i])
         mode = "mass"
     for i, u in enumerate(units):

@@ -2,10 +2,11 @@
 depthwise filters, the consumers' input channels and the classifier's features through flatten,
 with an optimizer's state sliced in place.
 
-Parameters keep their identity (``p.data`` is replaced), so the optimizer object, its param
-groups and any reference a user holds stay valid; every state tensor shaped like the parameter
-(SGD momentum, Adam's moments, ...) is sliced with it; per-parameter scalars (Adam's ``step``)
-are kept.
+Each sliced parameter becomes a new Parameter object that takes the old one's place in the
+module and in the optimizer's param groups, so the same optimizer object goes on; every state
+tensor shaped like the parameter (SGD momentum, Adam's moments, ...) is sliced with it and
+per-parameter scalars (Adam's ``step``) are kept.  References a user holds to the old Parameter
+objects are stale after a compaction (as with any re-wrap, e.g. DDP).
 """
 
 from __future__ import annotations
@@ -16,20 +17,28 @@ from torch import nn
 __all__ = ["slice_param", "slice_buffer", "slice_space"]
 
 
-def slice_param(p: nn.Parameter, dim: int, idx: torch.Tensor,
+def slice_param(m: nn.Module, name: str, dim: int, idx: torch.Tensor,
                 optimizer: torch.optim.Optimizer | None = None) -> None:
-    """Keep entries ``idx`` (sorted LongTensor) of ``p`` along ``dim``, in place."""
-    old_shape = p.shape
+    """Keep entries ``idx`` (sorted LongTensor) of parameter ``m.<name>`` along ``dim``.
+
+    The parameter is replaced by a new Parameter object (a fresh autograd leaf: resizing the old
+    one in place would leave autograd's cached shape of it stale while any graph that used it is
+    alive), and the optimizer is pointed at the new one, its state sliced along.
+    """
+    p = m._parameters[name]
     idx = idx.to(p.device)
-    if optimizer is not None:
-        state = optimizer.state.get(p)
-        if state:
-            for k, v in list(state.items()):
-                if torch.is_tensor(v) and v.shape == old_shape:
-                    state[k] = v.index_select(dim, idx).clone()
+    new = nn.Parameter(p.detach().index_select(dim, idx).clone(), requires_grad=p.requires_grad)
     if p.grad is not None:
-        p.grad = p.grad.index_select(dim, idx).clone()
-    p.data = p.data.index_select(dim, idx).clone()
+        new.grad = p.grad.index_select(dim, idx).clone()
+    if optimizer is not None:
+        for group in optimizer.param_groups:
+            group["params"] = [new if q is p else q for q in group["params"]]
+        state = optimizer.state.pop(p, None)
+        if state is not None:
+            optimizer.state[new] = {
+                k: v.index_select(dim, idx).clone() if torch.is_tensor(v) and v.shape == p.shape
+                else v for k, v in state.items()}
+    m._parameters[name] = new
 
 
 def slice_buffer(m: nn.Module, name: str, dim: int, idx: torch.Tensor) -> None:
@@ -43,16 +52,16 @@ def _slice_out(m: nn.Module, idx: torch.Tensor, optimizer) -> None:
     n = int(idx.numel())
     if isinstance(m, nn.Conv2d):
         depthwise = m.groups > 1 and m.groups == m.in_channels == m.out_channels
-        slice_param(m.weight, 0, idx, optimizer)
+        slice_param(m, "weight", 0, idx, optimizer)
         if m.bias is not None:
-            slice_param(m.bias, 0, idx, optimizer)
+            slice_param(m, "bias", 0, idx, optimizer)
         m.out_channels = n
         if depthwise:
             m.in_channels = m.groups = n
     elif isinstance(m, nn.BatchNorm2d):
-        for p in (m.weight, m.bias):
-            if p is not None:
-                slice_param(p, 0, idx, optimizer)
+        for name in ("weight", "bias"):
+            if m._parameters.get(name) is not None:
+                slice_param(m, name, 0, idx, optimizer)
         slice_buffer(m, "running_mean", 0, idx)
         slice_buffer(m, "running_var", 0, idx)
         m.num_features = n
@@ -66,11 +75,11 @@ def _slice_out(m: nn.Module, idx: torch.Tensor, optimizer) -> None:
 def _slice_in(m: nn.Module, idx: torch.Tensor, block: int, optimizer) -> None:
     """Keep input channels ``idx`` of a conv, or their ``block`` features each of a Linear."""
     if isinstance(m, nn.Conv2d):
-        slice_param(m.weight, 1, idx, optimizer)
+        slice_param(m, "weight", 1, idx, optimizer)
         m.in_channels = int(idx.numel())
     elif isinstance(m, nn.Linear):
         feat = (idx[:, None] * block + torch.arange(block, device=idx.device)).flatten()
-        slice_param(m.weight, 1, feat, optimizer)
+        slice_param(m, "weight", 1, feat, optimizer)
         m.in_features = int(feat.numel())
     else:
         raise TypeError(f"cannot slice the input channels of {type(m).__name__}")

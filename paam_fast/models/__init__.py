@@ -4,8 +4,15 @@ from __future__ import annotations
 
 from torch import nn
 
-from .resnet_cifar import (CifarResNet, PadShortcut, resnet20, resnet32, resnet44, resnet56,
-                           resnet110)
+from .resnet_cifar import (
+    CifarResNet,
+    PadShortcut,
+    resnet20,
+    resnet32,
+    resnet44,
+    resnet56,
+    resnet110,
+)
 
 __all__ = ["CifarResNet", "PadShortcut", "resnet20", "resnet32", "resnet44", "resnet56",
            "resnet110", "get_model", "CIFAR_ARCHS", "TORCHVISION_ARCHS"]
