@@ -1,0 +1,85 @@
+"""Scoring forward+backward for every gated unit of a model: one chain per unit (plain PyTorch,
+each unit with its own parameters) vs the batched reference (units of equal (F, D) share one
+batched chain).  Counts ATen ops and times both.
+
+    python benchmarks/bench_scoring.py --arch resnet50 [--size 224]
+    pytest benchmarks/bench_scoring.py        # the same, as pytest-benchmark cases
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from harness import count_ops, timeit, write_json  # noqa: E402
+
+import paam_fast as pf  # noqa: E402
+from paam_fast.scoring import score_unit  # noqa: E402
+
+
+def setup(arch: str, size: int, device: str = "cpu"):
+    model = pf.paamify(pf.models.get_model(arch), input_size=(1, 3, size, size)).to(device)
+    ctrl = model.paam
+    with torch.no_grad():
+        for g in ctrl.groups:
+            g.w.normal_()
+            g.b.normal_(0, 0.3)
+    # one chain per unit: separate leaf parameters, as a per-layer implementation would hold
+    per_unit = []
+    for grp, idx in zip(ctrl.groups, ctrl.group_units):
+        for row, i in enumerate(idx):
+            ps = [t[row].detach().clone().requires_grad_(True)
+                  for t in (grp.wq, grp.wk, grp.wv, grp.w, grp.b)]
+            per_unit.append((i, ps))
+
+    def batched():
+        gates = ctrl.compute_gates()
+        sum(g.sum() for g in gates).backward()
+
+    def chains():
+        total = 0
+        for i, ps in per_unit:
+            total = total + score_unit(ctrl.tokens(i), *ps, None, ctrl.leak, ctrl.normalize).sum()
+        total.backward()
+
+    return model, batched, chains
+
+
+def run(arch: str, size: int, reps: int) -> dict:
+    model, batched, chains = setup(arch, size)
+    res = {"arch": arch, "units": len(model.paam.units), "shape_groups": len(model.paam.groups),
+           "mode": "eager", "dtype": "float32"}
+    for name, fn in (("per_unit_chains", chains), ("batched_reference", batched)):
+        res[name] = {**count_ops(fn), **timeit(fn, reps=reps)}
+    return res
+
+
+def test_scoring_batched(benchmark):
+    _, batched, _ = setup("resnet50", 64)
+    benchmark.pedantic(batched, rounds=5, warmup_rounds=1)
+    benchmark.extra_info.update(count_ops(batched))
+
+
+def test_scoring_per_unit_chains(benchmark):
+    _, _, chains = setup("resnet50", 64)
+    benchmark.pedantic(chains, rounds=5, warmup_rounds=1)
+    benchmark.extra_info.update(count_ops(chains))
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", default="resnet50")
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--reps", type=int, default=10)
+    args = ap.parse_args()
+    r = run(args.arch, args.size, args.reps)
+    print(f"{args.arch}: {r['units']} gated units in {r['shape_groups']} (F, D) groups")
+    for k in ("per_unit_chains", "batched_reference"):
+        v = r[k]
+        print(f"  {k:<18} {v['aten_ops']:>6} ATen ops  {v['median_ms']:8.2f} ms "
+              f"(p20 {v['p20_ms']:.2f}, p80 {v['p80_ms']:.2f})")
+    print("wrote", write_json(f"scoring_{args.arch}", r))

@@ -1,0 +1,92 @@
+"""The one benchmark harness (ENGINEERING.md "Benchmarks").
+
+* ``timeit``: median and 20th/80th percentiles; CUDA events via ``triton.testing.do_bench`` (or
+  ``do_bench_cudagraph``) on the GPU, ``time.perf_counter`` on the CPU.
+* ``count_ops``: ATen ops (forward and backward) and, on the GPU, kernel launches of one call,
+  from ``torch.profiler``.
+* ``environment`` / ``write_json``: every result file records device, versions, commit, mode.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def environment() -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, check=False).stdout.strip() or "unknown"
+    except OSError:
+        commit = "unknown"
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:  # triton is optional on the CPU
+        triton_version = None
+    cuda = torch.cuda.is_available()
+    return {
+        "device": torch.cuda.get_device_name(0) if cuda else
+        f"cpu ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)",
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cudnn": torch.backends.cudnn.version() if cuda else None,
+        "commit": commit,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def timeit(fn: Callable[[], object], *, warmup: int = 3, reps: int = 20,
+           cudagraph: bool = False) -> dict:
+    """{"median_ms", "p20_ms", "p80_ms"} of ``fn()``."""
+    if torch.cuda.is_available():
+        from triton.testing import do_bench, do_bench_cudagraph
+
+        if cudagraph:
+            q = do_bench_cudagraph(fn, quantiles=[0.5, 0.2, 0.8])
+        else:
+            q = do_bench(fn, quantiles=[0.5, 0.2, 0.8])
+        return {"median_ms": q[0], "p20_ms": q[1], "p80_ms": q[2]}
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t) * 1e3)
+    qs = statistics.quantiles(ts, n=10)
+    return {"median_ms": statistics.median(ts), "p20_ms": qs[1], "p80_ms": qs[7]}
+
+
+def count_ops(fn: Callable[[], object]) -> dict:
+    """ATen ops (every ``aten::`` event, nested ones included, forward and backward) and GPU
+    kernel launches of one call of ``fn``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=acts) as prof:
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    events = prof.events()
+    aten = [e for e in events if e.name.startswith("aten::")]
+    cuda = torch.autograd.DeviceType.CUDA
+    launches = [e for e in events if getattr(e, "device_type", None) == cuda]
+    return {"aten_ops": len(aten), "gpu_kernels": len(launches)}
+
+
+def write_json(name: str, payload: dict, out_dir: str | None = None) -> str:
+    out_dir = out_dir or os.environ.get("PAAM_BENCH_OUT", "benchmarks/results")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{name}.json")
+    with open(path, "w") as f:
+        json.dump({"env": environment(), **payload}, f, indent=2)
+    return path
