@@ -53,9 +53,10 @@ class PaamController(nn.Module):
     """
 
     def __init__(self, model: nn.Module, structure: Structure, *, dim: int, leak: float,
-                 normalize: str, coupling: str) -> None:
+                 normalize: str, coupling: str, scorer: str = "attention") -> None:
         super().__init__()
         self.dim, self.leak, self.normalize, self.coupling = dim, leak, normalize, coupling
+        self.scorer = scorer
         self.structure = structure
         self.units: list[Space] = structure.units
         self._mods = dict(model.named_modules())
@@ -74,6 +75,8 @@ class PaamController(nn.Module):
             by_shape[(u.width, self._token_dim(u))].append(i)
         self.groups = nn.ModuleList()
         self.group_units: list[list[int]] = []
+        if scorer == "bn":  # Network Slimming: no scoring network, gates stay 1 until frozen
+            by_shape = {}
         for (f, d_tok), idx in by_shape.items():
             self.groups.append(_ShapeGroup(len(idx), f, d_tok, dim, p.dtype, p.device))
             self.group_units.append(idx)
@@ -118,7 +121,7 @@ class PaamController(nn.Module):
 
     def refresh(self) -> None:
         """Compute this forward's gates and hand each unit's to its gate sites."""
-        if self.frozen:
+        if self.frozen or self.scorer == "bn":
             return
         gates = self.compute_gates()
         self._last.value = gates
@@ -130,6 +133,9 @@ class PaamController(nn.Module):
         """Per unit (F,) gates of the last forward (frozen gates once frozen)."""
         if self.frozen:
             return [self._mods[u.sites[0]].paam_gate for u in self.units]
+        if self.scorer == "bn":
+            return [self.bn_scores(i) if detach else self.bn_scores(i, grad=True)
+                    for i in range(len(self.units))]
         if self._last.value is None:
             raise RuntimeError("no scores yet: run a forward pass of the model first")
         out: list[torch.Tensor | None] = [None] * len(self.units)
@@ -137,6 +143,28 @@ class PaamController(nn.Module):
             for row, i in enumerate(idx):
                 out[i] = g[row].detach() if detach else g[row]
         return out
+
+    def bn_scores(self, i: int, grad: bool = False) -> torch.Tensor:
+        """Network Slimming's score of unit i: |γ| of its gate-site BNs (mean over sites)."""
+        sites = [self._mods[n] for n in self.units[i].sites]
+        gammas = [m.weight for m in sites if isinstance(m, nn.BatchNorm2d)]
+        if not gammas:
+            raise ValueError(f"unit '{self.units[i].name}' ends in no BatchNorm: scorer='bn' "
+                             "(Network Slimming) needs one")
+        s = torch.stack([g.abs() for g in gammas]).mean(0).float()
+        s = s * self.mask(i).to(s.dtype)
+        return s if grad else s.detach()
+
+    def fresh_unit_gates(self) -> list[torch.Tensor]:
+        """Per unit (F,) gates computed now from the current weights, masked, no autograd."""
+        with torch.no_grad():
+            if self.scorer == "bn":
+                return [self.mask(i).float() for i in range(len(self.units))]
+            out: list[torch.Tensor | None] = [None] * len(self.units)
+            for g, idx in zip(self.compute_gates(), self.group_units):
+                for row, i in enumerate(idx):
+                    out[i] = g[row] * self.mask(i).to(g.dtype)
+            return out
 
     def filter_costs(self, cost: str) -> list[float]:
         """c_l of §5: what one filter of each unit costs now, consumers' slices included."""
@@ -181,7 +209,8 @@ def _forced_sites(model: nn.Module) -> dict[str, str]:
 
 
 def paamify(model: nn.Module, coupling: str = "internal", dim: int = 32, leak: float = 0.01,
-            normalize: str = "max", input_size: tuple[int, ...] | None = None) -> nn.Module:
+            normalize: str = "max", input_size: tuple[int, ...] | None = None,
+            scorer: str = "attention") -> nn.Module:
     """Make ``model`` a PAAM network, in place, and return it.
 
     Args:
@@ -192,6 +221,8 @@ def paamify(model: nn.Module, coupling: str = "internal", dim: int = 32, leak: f
         normalize: "max" (g = s / max s, default) or "none" (g = s, the paper-literal variant).
         input_size: (N, C, H, W) at which FLOPs are counted; default ``model.input_size`` if the
             model has one (``paam_fast.models`` do), else (1, 3, 224, 224).
+        scorer: "attention" (PAAM) or "bn" (the Network Slimming baseline: filters ranked by the
+            |γ| of their BN, penalty L1 on those γ; same selection and compaction).
     Returns:
         the same model, with ``model.paam`` (:class:`PaamController`).  Units that cannot be gated
         are listed in ``model.paam.structure.ungated`` with the reason.
@@ -204,6 +235,8 @@ def paamify(model: nn.Module, coupling: str = "internal", dim: int = 32, leak: f
         raise ValueError(f"leak must be a finite non-negative number, got {leak!r}")
     if normalize not in ("max", "none"):
         raise ValueError(f"normalize must be 'max' or 'none', got {normalize!r}")
+    if scorer not in ("attention", "bn"):
+        raise ValueError(f"scorer must be 'attention' or 'bn', got {scorer!r}")
     params = list(model.parameters())
     if not params:
         raise ValueError("the model has no parameters to prune")
@@ -238,7 +271,7 @@ def paamify(model: nn.Module, coupling: str = "internal", dim: int = 32, leak: f
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
     ctrl = PaamController(model, structure, dim=dim, leak=float(leak), normalize=normalize,
-                          coupling=coupling)
+                          coupling=coupling, scorer=scorer)
     model.paam = ctrl
     for i, u in enumerate(structure.units):
         for name in u.sites:
@@ -261,6 +294,8 @@ def penalty(model: nn.Module, cost: str = "uniform") -> torch.Tensor:
     if ctrl.frozen:
         p = next(model.parameters())
         return torch.zeros((), dtype=torch.float32, device=p.device)
+    if ctrl.scorer == "bn":  # Network Slimming: L1 on the units' BN γ
+        return sum(ctrl.bn_scores(i, grad=True).sum() for i in range(len(ctrl.units)))
     gates = ctrl.unit_gates(detach=False)
     c = ctrl.filter_costs(cost)
     num = sum(ci * g.float().sum() for ci, g in zip(c, gates))
@@ -326,15 +361,11 @@ def freeze(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> 
     ctrl = controller(model)
     if ctrl.frozen:
         return
-    with torch.no_grad():
-        gates = ctrl.compute_gates()
-    for g, idx in zip(gates, ctrl.group_units):
-        for row, i in enumerate(idx):
-            gi = (g[row] * ctrl.mask(i).to(g.dtype)).detach()
-            for name in ctrl.units[i].sites:
-                site = ctrl._mods[name]
-                site.register_buffer("paam_gate", gi.to(site.weight.dtype).clone())
-                site._paam_box = None
+    for i, gi in enumerate(ctrl.fresh_unit_gates()):
+        for name in ctrl.units[i].sites:
+            site = ctrl._mods[name]
+            site.register_buffer("paam_gate", gi.to(site.weight.dtype).clone())
+            site._paam_box = None
     if optimizer is not None:
         _drop_from_optimizer(optimizer, list(ctrl.groups.parameters()))
     ctrl.groups = nn.ModuleList()

@@ -20,13 +20,29 @@ import math
 import torch
 from torch import nn
 
-from .paamify import compact, controller, penalty, select
+from .paamify import apply_masks, compact, controller, penalty, select
 from .selection import check_keep, check_mass, choose
 
 __all__ = ["Pruner", "DEFAULT_LAMBDA"]
 
 # λ of the first GPU probe (ResNet56, CIFAR-10); the project's validation search may change it.
 DEFAULT_LAMBDA = 0.2
+
+
+def _broadcast_masks(model: nn.Module) -> None:
+    """Under torch.distributed, make every rank hold rank 0's masks.  The gates are computed from
+    identical weights on every rank, so this is a guard against floating-point ties, not a fix
+    for diverged replicas."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    ctrl = controller(model)
+    for m in ctrl.masks():
+        t = m.to(torch.uint8)
+        dist.broadcast(t, src=0)
+        m.copy_(t.bool())
+    apply_masks(model, {u.name: m for u, m in zip(ctrl.units, ctrl.masks())})
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -157,6 +173,7 @@ class Pruner:
                 keep_k = 1 - (1 - self.final_keep) * (k + 1) / self.steps
                 sel = select(self.model, keep=keep_k, cost=self.select_cost,
                              min_keep=self.min_keep, round_to=self.round_to)
+            _broadcast_masks(self.model)
             self.events_done += 1
             events.append({"epoch": epoch, "event": "select", "index": k, **sel.to_dict()})
         if self.events_done == len(plan) and (self.after_select == "compact"

@@ -21,7 +21,7 @@ import torch
 
 from .graph import Space, Structure
 
-__all__ = ["Selection", "choose", "check_keep", "check_mass"]
+__all__ = ["Selection", "choose", "check_keep", "check_mass", "uniform_alive"]
 
 
 @dataclass(frozen=True)
@@ -157,3 +157,34 @@ def choose(units: list[Space], gates: list[torch.Tensor], alive: list[torch.Tens
     return Selection(alive=new_alive, params=structure.params(w), flops=structure.macs(w),
                      dense_params=structure.params(dense_w), dense_flops=structure.macs(dense_w),
                      budget=budget, mode=mode)
+
+
+def uniform_alive(units: list[Space], structure: Structure, keep: float, cost: str = "params",
+                  round_to: int = 1) -> dict[str, torch.Tensor]:
+    """The `uniform` baseline: every unit thinned to the same fraction r of its filters (its
+    first ⌈r·F⌉, rounded up to ``round_to``), with r the largest that fits ``keep`` × the dense
+    ``cost``.  Returns {unit name: (F,) bool}."""
+    check_keep(keep)
+    total_of = structure.params if cost == "params" else structure.macs
+    dense_w = structure.widths()
+    budget = keep * total_of(dense_w)
+
+    def widths(r: float) -> dict[int, int]:
+        w = dict(dense_w)
+        for u in units:
+            w[u.id] = _round(max(1, math.ceil(r * u.width - 1e-9)), round_to, u.width)
+        return w
+
+    if total_of(widths(0.0)) > budget:
+        raise ValueError(f"keep={keep}: even one filter per unit exceeds the budget")
+    lo, hi = 0.0, 1.0
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if total_of(widths(mid)) <= budget else (lo, mid)
+    w = widths(lo)
+    out = {}
+    for u in units:
+        m = torch.zeros(u.width, dtype=torch.bool)
+        m[: w[u.id]] = True
+        out[u.name] = m
+    return out
