@@ -32,5 +32,4 @@ setup(
     package_dir=package_dir,
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    entry_points={"console_scripts": []},
 )

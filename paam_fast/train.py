@@ -1,0 +1,671 @@
+"""``paam-train``: PAAM's one-stage recipe (and its baselines) on real data, one GPU or many.
+
+    paam-train                                   # embedded default: digits, resnet20, CPU, offline
+    paam-train --dataset cifar10 --data ../shared/data/cifar10-jpeg.tar.gz --arch resnet56
+    torchrun --nproc_per_node 8 -m paam_fast.train --dataset imagenet --data /imagenet
+
+Methods: ``paam`` (attention scores + penalty + global selection), ``dense`` (same recipe, no
+gates), ``slim`` (Network Slimming: L1 on BN γ, then the same selection and compaction) and
+``uniform`` (every unit thinned to the same fraction from the first step, sized to the same
+parameter budget).  The training loop drives :class:`paam_fast.Pruner`.
+
+Outputs in ``--out``: metrics.jsonl, report.json, widths.png / scores.png / curves.png, the
+final model (``model.paam``, see :func:`paam_fast.save`), config.json and the checkpoint
+(ckpt.pt, written atomically every epoch and at selection; ``--resume`` continues from it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import data as D
+from .count import count
+from .export import plan_of, save
+from .models import CIFAR_ARCHS, TORCHVISION_ARCHS, get_model
+from .paamify import apply_masks, compact, controller, paamify, param_groups
+from .pruner import DEFAULT_LAMBDA, Pruner
+from .report import report
+from .selection import uniform_alive
+
+__all__ = ["Recipe", "RECIPES", "build_parser", "main", "run"]
+
+ARCHS = sorted(CIFAR_ARCHS) + list(TORCHVISION_ARCHS)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A dataset's default training recipe (PAAM_METHOD.md §6).  ``milestones``: epochs (of
+    ``epochs``) where the lr is multiplied by 0.1; they and ``warmup`` scale with --epochs."""
+
+    arch: str
+    epochs: int
+    batch_size: int
+    lr: float
+    momentum: float
+    weight_decay: float
+    warmup: int
+    milestones: tuple[int, ...]
+    round_to: int = 8
+
+
+RECIPES = {
+    # The embedded default: small enough for 2 CPU cores in a few minutes.
+    "digits": Recipe("resnet20", 30, 64, 0.05, 0.9, 1e-4, 1, (20, 26), round_to=1),
+    "cifar10": Recipe("resnet56", 182, 128, 0.1, 0.9, 1e-4, 5, (91, 136)),
+    "imagenet": Recipe("resnet50", 90, 256, 0.1, 0.9, 1e-4, 5, (30, 60, 80)),
+    "imagefolder": Recipe("resnet18", 90, 256, 0.1, 0.9, 1e-4, 5, (30, 60, 80)),
+}
+DEFAULT_SLIM_LAMBDA = 1e-4  # Liu et al. 2017's sparsity coefficient for CIFAR
+
+
+class UsageError(Exception):
+    """A bad command line or bad data: message to stderr, exit code 2."""
+
+
+# --------------------------------------------------------------------------- command line
+def _fraction(s: str) -> float:
+    v = float(s)
+    if not (0 < v <= 1):
+        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1], got {s}")
+    return v
+
+
+def _val(s: str) -> float | int:
+    v = float(s)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {s}")
+    return int(v) if v >= 1 else v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="paam-train", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Train a CNN with PAAM (or a baseline) and prune it in the same run. With no "
+                    "arguments: the embedded default (digits, resnet20, offline, a few minutes on "
+                    "2 CPU cores). Defaults marked 'recipe' come from the dataset's recipe.")
+    a = p.add_argument
+    a("--arch", default=None, help=f"network: {', '.join(ARCHS)} (recipe: digits resnet20, "
+      "cifar10 resnet56, imagenet resnet50, imagefolder resnet18)")
+    a("--dataset", default="digits", choices=sorted(RECIPES),
+      help="digits: scikit-learn's handwritten digits, shipped offline (the embedded default); "
+           "cifar10: --data as a JPEG tar/ImageFolder/torchvision binary folder; imagenet and "
+           "imagefolder: an ImageFolder tree with train/ and val/ (or test/)")
+    a("--data", default=None, help="path of the dataset (not used by digits)\n" + D.LAYOUTS)
+    a("--method", default="paam", choices=["paam", "dense", "slim", "uniform"],
+      help="paam; dense (no pruning); slim (Network Slimming: L1 on BN γ, same selection); "
+           "uniform (every unit thinned to the same fraction from the start, same budget)")
+    a("--epochs", type=int, default=None, help="total epochs (recipe)")
+    a("--batch-size", type=int, default=None, help="batch size per process (recipe)")
+    a("--lr", type=float, default=None, help="peak learning rate (recipe), SGD momentum 0.9")
+    a("--weight-decay", type=float, default=None, help="weight decay of the network (recipe); "
+      "none on the scoring networks")
+    a("--schedule", default="step", choices=["step", "cosine"],
+      help="step: ×0.1 at the recipe's milestones scaled to --epochs; cosine: to 0")
+    a("--lam", type=float, default=None, help=f"λ, the penalty coefficient (paam default "
+      f"{DEFAULT_LAMBDA}, slim default {DEFAULT_SLIM_LAMBDA})")
+    a("--target", type=_fraction, default=None, help="fraction of params (or --select-cost) to "
+      "keep, reached by adjusting λ each epoch so mass selection lands on it")
+    a("--select-epoch", type=int, default=None, help="E_sel: epochs trained before selection "
+      "(default 30%% of --epochs)")
+    a("--final-epoch", type=int, default=None, help="E_final of masked mode (default 50%%)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--keep", type=float, default=None, help="budget mode: fraction (0, 1] of the "
+                   "dense model's --select-cost to keep (default 0.5 when no --mass/--target)")
+    g.add_argument("--mass", type=_fraction, default=None, help="mass mode: keep the shortest "
+                   "prefix of gates summing to this fraction")
+    a("--cost", default="uniform", choices=["uniform", "params", "flops"],
+      help="per-filter cost in the penalty")
+    a("--select-cost", default="params", choices=["params", "flops"],
+      help="what --keep and --target are fractions of")
+    a("--min-keep", type=float, default=0.05, help="every unit keeps ≥ max(1, ⌈min_keep·F⌉)")
+    a("--round-to", type=int, default=None, help="round kept widths up to multiples of this "
+      "(recipe: 8; digits 1)")
+    a("--coupling", default="internal", choices=["internal", "grouped"],
+      help="internal: gate channels feeding no residual add; grouped: tie them across adds")
+    a("--normalize", default="max", choices=["max", "none"],
+      help="gate g = s / max s (scale-free) or g = s (paper-literal)")
+    a("--dim", type=int, default=32, help="attention width d of the scoring network")
+    a("--leak", type=float, default=0.01, help="slope α of the leaky-exp above 0")
+    a("--after-select", default="compact", choices=["compact", "masked"],
+      help="compact: remove filters once at selection; masked: gradual, 4 events to E_final")
+    a("--steps", type=int, default=4, help="selection events in masked mode")
+    a("--val", type=_val, default=None, help="carve a validation set from the training set "
+      "(a fraction, or a count): per-epoch accuracy is measured on it, never on the test set")
+    a("--amp", default="none", choices=["none", "bf16"], help="bf16 autocast")
+    a("--channels-last", action="store_true", help="channels_last memory format")
+    a("--cuda-graphs", action="store_true", help="replay forward+backward as CUDA graphs "
+      "(torch.compile mode='reduce-overhead'; needs a GPU)")
+    a("--compile", action="store_true", help="torch.compile the model (re-compiled after a "
+      "compaction)")
+    a("--workers", type=int, default=8, help="DataLoader workers (imagenet / imagefolder)")
+    a("--image-size", type=int, default=224, help="crop size (imagenet / imagefolder)")
+    a("--cache", default=None, help="where decoded arrays are cached (default $PAAM_FAST_CACHE "
+      "or ~/.cache/paam_fast)")
+    a("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+    a("--seed", type=int, default=0, help="seed of the weights, the data order and augmentation")
+    a("--out", default=None, help="output folder (default runs/<dataset>-<arch>-<method>-<time>); "
+      "an existing non-empty one is refused unless --resume")
+    a("--resume", action="store_true", help="continue the run in --out from its last checkpoint "
+      "(its saved configuration is used)")
+    a("--max-steps", type=int, default=None, help="stop after this many optimizer steps in "
+      "total (a smoke test, or a planned interruption: continue with --resume)")
+    a("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def _resolve(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill recipe defaults and check the combination; raises UsageError."""
+    r = RECIPES[args.dataset]
+    args.arch = args.arch or r.arch
+    if args.arch not in ARCHS:
+        raise UsageError(f"unknown --arch {args.arch!r}; choose from {', '.join(ARCHS)}")
+    args.epochs = args.epochs if args.epochs is not None else r.epochs
+    args.batch_size = args.batch_size or r.batch_size
+    args.lr = args.lr if args.lr is not None else r.lr
+    args.weight_decay = args.weight_decay if args.weight_decay is not None else r.weight_decay
+    args.round_to = args.round_to or r.round_to
+    if args.epochs < 1 or args.batch_size < 1:
+        raise UsageError("--epochs and --batch-size must be positive")
+    if args.keep is not None and not (0 < args.keep <= 1):
+        raise UsageError(f"--keep must be a fraction in (0, 1], got {args.keep}")
+    if args.lam is None:
+        args.lam = DEFAULT_SLIM_LAMBDA if args.method == "slim" else DEFAULT_LAMBDA
+    if args.keep is None and args.mass is None and args.target is None:
+        args.keep = 0.5
+    if args.target is not None and args.keep is not None and args.method != "uniform":
+        args.keep = None  # --target implies mass-mode selection
+    if args.method == "uniform" and args.keep is None:
+        raise UsageError("--method uniform needs --keep (the parameter budget)")
+    if args.dataset != "digits" and not args.data:
+        raise UsageError(f"--dataset {args.dataset} needs --data PATH\n{D.LAYOUTS}")
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device}: no CUDA GPU is available")
+    if args.cuda_graphs and not args.device.startswith("cuda"):
+        raise UsageError("--cuda-graphs needs a CUDA GPU (none is available or --device is cpu)")
+    return args
+
+
+# --------------------------------------------------------------------------- distributed
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _init_dist(device: str) -> Dist:
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return Dist()
+    import torch.distributed as dist
+
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    dist.init_process_group(backend)
+    d = Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    if device.startswith("cuda"):
+        torch.cuda.set_device(d.local_rank)
+    return d
+
+
+def _all_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
+    if d.world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(t)
+    return t
+
+
+# --------------------------------------------------------------------------- helpers
+def _atomic_write(path: str, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix="tmp-", suffix=".part", dir=os.path.dirname(path))
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _commit() -> str:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        out = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, check=False, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _lr_lambda(args, steps_per_epoch: int):
+    r = RECIPES[args.dataset]
+    scale = args.epochs / r.epochs
+    warm = round(r.warmup * scale) * steps_per_epoch
+    miles = [round(m * scale) * steps_per_epoch for m in r.milestones]
+    total = args.epochs * steps_per_epoch
+
+    def f(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        if args.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+        return 0.1 ** sum(step >= m for m in miles)
+
+    return f
+
+
+class _Data:
+    """The run's loaders, whatever the dataset."""
+
+    def __init__(self, args, dev: torch.device, d: Dist):
+        self.kind = "tensor"
+        self.sampler = None
+        if args.dataset in ("digits", "cifar10"):
+            if args.dataset == "digits":
+                train, test = D.load_digits()
+                mean, std, pad, flip = (0.5,) * 3, (0.5,) * 3, 2, False
+            else:
+                train, test = D.load_cifar10(args.data, args.cache)
+                mean, std, pad, flip = D.CIFAR_MEAN, D.CIFAR_STD, 4, True
+            self.classes = train.classes
+            val = None
+            if args.val:
+                train, val = D.split_validation(train, args.val)
+            kw = {"mean": mean, "std": std, "rank": d.rank, "world": d.world,
+                  "channels_last": args.channels_last}
+            self.train = D.TensorLoader(train, args.batch_size, dev, train=True, pad=pad,
+                                        flip=flip, seed=args.seed, **kw)
+            self.test = D.TensorLoader(test, 500, dev, train=False, **kw)
+            self.val = D.TensorLoader(val, 500, dev, train=False, **kw) if val else None
+            self.input_size = (1, 3, *train.x.shape[1:3])
+            self.n_train = len(train)
+        else:
+            self.kind = "folder"
+            tl, el, classes, sampler = D.image_folder_loaders(
+                args.data, args.batch_size, args.workers, args.image_size, d.rank, d.world,
+                args.seed, args.val)
+            self.train, self.sampler, self.classes = tl, sampler, classes
+            self.val = el if args.val else None
+            self.test = None if args.val else el
+            if args.val:  # the held-out val/ (or test/) folder is the test set
+                _, self.test, _, _ = D.image_folder_loaders(
+                    args.data, args.batch_size, args.workers, args.image_size, d.rank, d.world,
+                    args.seed, None)
+            self.input_size = (1, 3, args.image_size, args.image_size)
+            self.n_train = len(tl.dataset)
+
+    def set_epoch(self, epoch: int) -> None:
+        if self.kind == "tensor":
+            self.train.set_epoch(epoch)
+        else:
+            self.sampler.set_epoch(epoch)
+
+
+def _evaluate(model, loader, dev, args, d: Dist) -> float:
+    model.eval()
+    correct = torch.zeros((), device=dev, dtype=torch.float64)
+    total = torch.zeros((), device=dev, dtype=torch.float64)
+    with torch.no_grad(), torch.autocast(dev.type, torch.bfloat16, enabled=args.amp == "bf16"):
+        for x, y in loader:
+            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+            if args.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            correct += (model(x).argmax(1) == y).sum()
+            total += y.numel()
+    _all_sum(correct, d)
+    _all_sum(total, d)
+    return float(correct / total.clamp_min(1))
+
+
+def _widths(model) -> dict[str, int]:
+    ctrl = controller(model)
+    if ctrl.compacted:
+        return {u.name: len(ctrl.kept[u.id]) for u in ctrl.units}
+    return {u.name: int(m.sum()) for u, m in zip(ctrl.units, ctrl.masks())}
+
+
+# --------------------------------------------------------------------------- the run
+class Run:
+    """One training run: model, optimizer, pruner, loaders; checkpoints and outputs."""
+
+    def __init__(self, args: argparse.Namespace, d: Dist) -> None:
+        self.args, self.d = args, d
+        self.dev = torch.device(args.device if not args.device.startswith("cuda") or d.world == 1
+                                else f"cuda:{d.local_rank}")
+        self.data = _Data(args, self.dev, d)
+        torch.manual_seed(args.seed)
+        model = get_model(args.arch, num_classes=len(self.data.classes))
+        self.gated = args.method != "dense"
+        if self.gated:
+            paamify(model, coupling=args.coupling, dim=args.dim, leak=args.leak,
+                    normalize=args.normalize, input_size=self.data.input_size,
+                    scorer="attention" if args.method == "paam" else "bn")
+        self.model = model.to(self.dev)
+        if args.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.dense_counts = self._counts()
+        if args.method == "uniform":  # thinned from the first step, then trained as is
+            ctrl = controller(self.model)
+            apply_masks(self.model, uniform_alive(ctrl.units, ctrl.structure, args.keep,
+                                                  args.select_cost, args.round_to))
+            compact(self.model)
+        self.optimizer = torch.optim.SGD(self._groups(), lr=args.lr, momentum=0.9)
+        self.steps_per_epoch = len(self.data.train)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, _lr_lambda(args, self.steps_per_epoch))
+        self.pruner = None
+        if args.method in ("paam", "slim"):
+            self.pruner = Pruner(self.model, self.optimizer, epochs=args.epochs, lam=args.lam,
+                                 keep=args.keep, mass=args.mass, target=args.target,
+                                 cost=args.cost if args.method == "paam" else "uniform",
+                                 select_cost=args.select_cost, select_epoch=args.select_epoch,
+                                 final_epoch=args.final_epoch,
+                                 after_select=args.after_select if args.method == "paam"
+                                 else "compact", steps=args.steps, min_keep=args.min_keep,
+                                 round_to=args.round_to)
+        self.epoch = 0
+        self.global_step = 0
+        self.history: list[dict] = []
+        self.score_hist: list[dict] = []
+        self._wrap()
+
+    # ---- model wrappers (DDP, compile, CUDA graphs): rebuilt after every compaction
+    def _wrap(self) -> None:
+        self.step_model = self.model
+        if self.d.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.dev.index] if self.dev.type == "cuda" else None
+            self.step_model = DDP(self.model, device_ids=ids,
+                                  find_unused_parameters=False)
+        if self.args.cuda_graphs:
+            self.step_model = torch.compile(self.step_model, mode="reduce-overhead")
+        elif self.args.compile:
+            self.step_model = torch.compile(self.step_model)
+
+    def _groups(self):
+        wd = self.args.weight_decay
+        if self.gated:
+            return param_groups(self.model, weight_decay=wd)
+        return [{"params": list(self.model.parameters()), "weight_decay": wd, "name": "net"}]
+
+    def _counts(self) -> dict[str, int]:
+        return count(self.model, self.data.input_size)
+
+    def _penalty(self) -> torch.Tensor | float:
+        return self.pruner.penalty() if self.pruner is not None and self.pruner.active else 0.0
+
+    # ---- checkpoints
+    def ckpt_path(self) -> str:
+        return os.path.join(self.args.out, "ckpt.pt")
+
+    def save_checkpoint(self) -> None:
+        if not self.d.main:
+            return
+        state = {
+            "epoch": self.epoch, "global_step": self.global_step,
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "pruner": self.pruner.state_dict() if self.pruner else None,
+            "plan": json.dumps(plan_of(self.model)) if self.gated else None,
+            "compacted": bool(self.gated and controller(self.model).compacted),
+            "history": json.dumps(self.history), "score_hist": json.dumps(self.score_hist),
+        }
+        _atomic_write(self.ckpt_path(), lambda p: torch.save(state, p))
+
+    def load_checkpoint(self) -> bool:
+        path = self.ckpt_path()
+        if not os.path.exists(path):
+            return False
+        st = torch.load(path, map_location=self.dev, weights_only=True)
+        if st["compacted"] and not controller(self.model).compacted:
+            # restore the plan before the state: masks, frozen gates, physical widths
+            plan = json.loads(st["plan"])
+            ctrl = controller(self.model)
+            alive = {}
+            for sp in plan["spaces"]:
+                m = torch.zeros(sp["dense"], dtype=torch.bool)
+                m[sp["keep"]] = True
+                alive[sp["name"]] = m
+            apply_masks(self.model, alive)
+            compact(self.model, self.optimizer)
+            assert ctrl.compacted
+        self.model.load_state_dict(st["model"])
+        if self.gated and not controller(self.model).compacted:
+            ctrl = controller(self.model)
+            apply_masks(self.model, {u.name: m.clone() for u, m in zip(ctrl.units, ctrl.masks())})
+        self.optimizer.load_state_dict(st["optimizer"])
+        self.scheduler.load_state_dict(st["scheduler"])
+        if self.pruner and st["pruner"]:
+            self.pruner.load_state_dict(st["pruner"])
+        self.epoch, self.global_step = st["epoch"], st["global_step"]
+        self.history = json.loads(st["history"])
+        self.score_hist = json.loads(st["score_hist"])
+        self._wrap()
+        return True
+
+    # ---- training
+    def train_epoch(self, bar) -> tuple[float, float, bool]:
+        args, dev = self.args, self.dev
+        self.step_model.train()
+        self.data.set_epoch(self.epoch)
+        torch.manual_seed(args.seed * 1000003 + self.epoch)  # dropout etc.: replayable epochs
+        loss_sum = torch.zeros((), device=dev, dtype=torch.float64)
+        correct = torch.zeros((), device=dev, dtype=torch.float64)
+        seen = 0
+        for x, y in self.data.train:
+            if args.max_steps is not None and self.global_step >= args.max_steps:
+                return float(loss_sum) / max(seen, 1), float(correct) / max(seen, 1), True
+            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+            if args.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(dev.type, torch.bfloat16, enabled=args.amp == "bf16"):
+                out = self.step_model(x)
+                task = F.cross_entropy(out.float(), y)
+            loss = task + self._penalty()
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.scheduler.step()
+            self.global_step += 1
+            loss_sum += task.detach() * y.numel()
+            correct += (out.detach().argmax(1) == y).sum()
+            seen += y.numel()
+            if bar is not None:
+                bar.update(1)
+        tot = torch.tensor([seen], device=dev, dtype=torch.float64)
+        _all_sum(tot, self.d)
+        _all_sum(loss_sum, self.d)
+        _all_sum(correct, self.d)
+        return float(loss_sum / tot), float(correct / tot), False
+
+    def epoch_end(self, loss: float, acc: float, t0: float) -> list[dict]:
+        events = self.pruner.epoch_end(self.epoch) if self.pruner is not None else []
+        if any(e["event"] == "compact" for e in events):
+            self._wrap()  # new parameters: DDP buckets and compiled graphs are rebuilt
+        ev_loader = self.data.val if self.data.val is not None else self.data.test
+        acc_eval = _evaluate(self.step_model, ev_loader, self.dev, self.args, self.d)
+        rec = {"epoch": self.epoch, "loss": loss, "train_acc": acc,
+               "eval_acc": acc_eval, "eval_split": "val" if self.data.val is not None else "test",
+               "lr": self.optimizer.param_groups[0]["lr"],
+               "lam": self.pruner.lam if self.pruner else None,
+               "epoch_s": time.time() - t0}
+        if self.gated:
+            now = self._counts()
+            rec["kept_fraction"] = now["params"] / self.dense_counts["params"]
+            rec["per_layer"] = _widths(self.model)
+            ctrl = controller(self.model)
+            if ctrl.scorer == "attention" and not ctrl.frozen and ctrl._last.value is not None:
+                g = torch.cat([v[v > 0] for v in ctrl.unit_gates()]).float().cpu()
+                hist = torch.histc(g, bins=20, min=0.0, max=1.0)
+                self.score_hist.append({"epoch": self.epoch, "hist": hist.tolist()})
+        else:
+            rec["kept_fraction"] = 1.0
+        rec["events"] = [{k: v for k, v in e.items() if k != "widths"} for e in events]
+        self.history.append(rec)
+        if self.d.main:
+            with open(os.path.join(self.args.out, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        self.epoch += 1
+        self.save_checkpoint()
+        return events
+
+    def finish(self, wall_s: float) -> dict:
+        args = self.args
+        top1 = _evaluate(self.step_model, self.data.test, self.dev, args, self.d)
+        val1 = (_evaluate(self.step_model, self.data.val, self.dev, args, self.d)
+                if self.data.val is not None else None)
+        final = self._counts()
+        if self.gated:
+            rep = report(self.model)
+            per_layer = [{"name": r["name"], "filters_dense": r["filters_dense"],
+                          "filters_final": r["filters_final"]} for r in rep.rows]
+            text = str(rep)
+        else:
+            per_layer = [{"name": n, "filters_dense": m.out_channels,
+                          "filters_final": m.out_channels}
+                         for n, m in self.model.named_modules() if isinstance(m, nn.Conv2d)]
+            text = "\n".join(f"{r['name']}: {r['filters_final']}" for r in per_layer)
+        epoch_s = [h["epoch_s"] for h in self.history]
+        rep_json = {
+            "arch": args.arch, "dataset": args.dataset, "method": args.method,
+            "epochs": args.epochs, "top1": top1, "val_top1": val1,
+            "params_dense": self.dense_counts["params"], "params_final": final["params"],
+            "flops_dense": self.dense_counts["flops"], "flops_final": final["flops"],
+            "per_layer": per_layer, "wall_s": wall_s,
+            "epoch_s_median": sorted(epoch_s)[len(epoch_s) // 2] if epoch_s else None,
+            "device": (torch.cuda.get_device_name(self.dev) if self.dev.type == "cuda"
+                       else "cpu"),
+            "world_size": self.d.world, "torch": torch.__version__, "commit": _commit(),
+            "seed": args.seed, "config": {k: v for k, v in vars(args).items()},
+        }
+        if self.d.main:
+            with open(os.path.join(args.out, "report.json"), "w") as f:
+                json.dump(rep_json, f, indent=2)
+            if self.gated:
+                save(self.model, os.path.join(args.out, "model.paam"))
+            else:
+                torch.save({"format": "paam_fast.plan/1",
+                            "plan": json.dumps({"format": "paam_fast.plan/1", "spaces": []}),
+                            "state_dict": self.model.state_dict()},
+                           os.path.join(args.out, "model.paam"))
+            from .plots import write_plots
+
+            write_plots(args.out, per_layer, self.history, self.score_hist)
+            print(text)
+            print(f"top-1 {top1:.2%} (test)" + (f", {val1:.2%} (val)" if val1 is not None
+                                                 else "")
+                  + f"; params {self.dense_counts['params']:,} -> {final['params']:,}; "
+                  f"MACs {self.dense_counts['flops']:,} -> {final['flops']:,}; "
+                  f"{wall_s:.0f} s; outputs in {args.out}")
+        if self.d.world > 1:
+            digest = hashlib.sha256()
+            for k, v in sorted(self.model.state_dict().items()):
+                digest.update(k.encode())
+                digest.update(v.detach().cpu().contiguous().numpy().tobytes())
+            with open(os.path.join(args.out, f"digest_rank{self.d.rank}.json"), "w") as f:
+                json.dump({"rank": self.d.rank, "weights_sha256": digest.hexdigest(),
+                           "widths": _widths(self.model) if self.gated else None}, f)
+        return rep_json
+
+
+def _prepare_out(args, d: Dist) -> None:
+    if args.out is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        args.out = os.path.join("runs", f"{args.dataset}-{args.arch}-{args.method}-{stamp}")
+    if os.path.isdir(args.out) and os.listdir(args.out) and not args.resume:
+        raise UsageError(f"--out {args.out} already holds a run; pass --resume to continue it "
+                         "or choose another folder")
+    if d.main:
+        os.makedirs(args.out, exist_ok=True)
+
+
+def run(args: argparse.Namespace) -> dict | None:
+    """Run training as configured; returns the report dict (None if stopped by --max-steps)."""
+    d = _init_dist(args.device)
+    try:
+        _prepare_out(args, d)
+        if d.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+        cfg_path = os.path.join(args.out, "config.json")
+        if args.resume and os.path.exists(cfg_path):
+            with open(cfg_path) as f:
+                saved = json.load(f)
+            keep = {k: getattr(args, k) for k in ("out", "resume", "max_steps", "quiet")}
+            args = argparse.Namespace(**{**saved, **keep})
+        elif d.main:
+            with open(cfg_path, "w") as f:
+                json.dump(vars(args), f, indent=2)
+        t_start = time.time()
+        r = Run(args, d)
+        if args.resume and r.load_checkpoint() and d.main:
+            print(f"resumed {args.out} at epoch {r.epoch}")
+        bar_cls = None
+        if not args.quiet and d.main:
+            from tqdm import tqdm
+
+            bar_cls = tqdm
+        while r.epoch < args.epochs:
+            t0 = time.time()
+            bar = bar_cls(total=r.steps_per_epoch, desc=f"epoch {r.epoch + 1}/{args.epochs}",
+                          leave=False) if bar_cls else None
+            loss, acc, stopped = r.train_epoch(bar)
+            if bar is not None:
+                bar.close()
+            if stopped:
+                if d.main:
+                    print(f"stopped after {r.global_step} steps (--max-steps); the last "
+                          f"checkpoint is epoch {r.epoch}: continue with --resume --out {args.out}")
+                return None
+            events = r.epoch_end(loss, acc, t0)
+            h = r.history[-1]
+            if d.main and not args.quiet:
+                extra = "".join(f"; {e['event']}" + (f" {e['params']:,} params"
+                                                     if "params" in e else "")
+                                for e in events if e["event"] != "lambda")
+                print(f"epoch {h['epoch'] + 1}/{args.epochs}: loss {loss:.4f}, train "
+                      f"{acc:.2%}, {h['eval_split']} {h['eval_acc']:.2%}, kept "
+                      f"{h['kept_fraction']:.1%}{extra} ({h['epoch_s']:.1f} s)", flush=True)
+        return r.finish(time.time() - t_start)
+    finally:
+        if d.world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        _resolve(args)
+        run(args)
+    except (UsageError, D.DataError) as e:
+        print(f"paam-train: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

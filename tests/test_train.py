@@ -1,0 +1,159 @@
+"""paam-train end to end on the CPU: embedded default, CIFAR JPEG sample, resume, DDP, errors."""
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+import pytest
+import torch
+
+import paam_fast as pf
+from paam_fast.train import main
+
+SHARED_CIFAR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
+                            "cifar10-jpeg.tar.gz")
+FIELDS = {"arch", "dataset", "method", "epochs", "top1", "params_dense", "params_final",
+          "flops_dense", "flops_final", "per_layer", "wall_s", "device", "torch", "commit"}
+
+
+def _report(out):
+    with open(os.path.join(out, "report.json")) as f:
+        return json.load(f)
+
+
+def test_embedded_default_two_epochs(tmp_path):
+    out = str(tmp_path / "run")
+    assert main(["--epochs", "2", "--out", out, "--quiet"]) == 0
+    rep = _report(out)
+    assert FIELDS <= set(rep)
+    assert rep["dataset"] == "digits" and rep["arch"] == "resnet20" and rep["method"] == "paam"
+    assert rep["top1"] > 0.5  # chance is 0.1
+    assert rep["params_final"] <= 0.5 * rep["params_dense"]
+    assert all({"name", "filters_dense", "filters_final"} <= set(r) for r in rep["per_layer"])
+    for png in ("widths.png", "scores.png", "curves.png"):
+        with open(os.path.join(out, png), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    lines = open(os.path.join(out, "metrics.jsonl")).read().splitlines()
+    assert len(lines) == 2
+    rec = json.loads(lines[-1])
+    assert {"loss", "eval_acc", "lr", "lam", "kept_fraction", "per_layer"} <= set(rec)
+    again = pf.load(os.path.join(out, "model.paam"), lambda: pf.models.resnet20())
+    assert pf.count(again, (1, 3, 32, 32))["params"] == rep["params_final"]
+
+
+@pytest.mark.parametrize("method", ["dense", "slim", "uniform"])
+def test_baselines_run(tmp_path, method):
+    out = str(tmp_path / method)
+    assert main(["--epochs", "2", "--method", method, "--out", out, "--quiet",
+                 "--keep", "0.5"]) == 0
+    rep = _report(out)
+    assert rep["method"] == method and rep["top1"] > 0.3
+    if method == "dense":
+        assert rep["params_final"] == rep["params_dense"]
+    else:
+        assert rep["params_final"] <= 0.5 * rep["params_dense"]
+
+
+@pytest.fixture(scope="module")
+def cifar_sample(tmp_path_factory):
+    """500 images of the shared JPEG CIFAR-10 (40 train + 10 test per class) as a tar.gz."""
+    if not os.path.exists(SHARED_CIFAR):
+        pytest.skip("../shared/data/cifar10-jpeg.tar.gz is not here")
+    d = tmp_path_factory.mktemp("cifar")
+    path = d / "sample.tar.gz"
+    want = {"train": 40, "test": 10}
+    taken: dict = {}
+    with tarfile.open(SHARED_CIFAR) as src, tarfile.open(path, "w:gz") as dst:
+        for m in src:
+            parts = m.name.split("/")
+            if not m.isfile() or len(parts) < 3:
+                continue
+            split, cls = parts[-3], parts[-2]
+            if split in want and taken.get((split, cls), 0) < want[split]:
+                taken[(split, cls)] = taken.get((split, cls), 0) + 1
+                dst.addfile(m, src.extractfile(m))
+            if len(taken) == 20 and all(taken[k] == want[k[0]] for k in taken):
+                break
+    return str(path)
+
+
+def test_cifar_sample_decode_cache_train_select_compact(tmp_path, cifar_sample):
+    out, cache = str(tmp_path / "run"), str(tmp_path / "cache")
+    args = ["--dataset", "cifar10", "--data", cifar_sample, "--arch", "resnet20", "--epochs", "2",
+            "--select-epoch", "1", "--batch-size", "50", "--cache", cache, "--quiet",
+            "--out", out, "--round-to", "4"]
+    assert main(args) == 0
+    assert len(os.listdir(cache)) == 1  # decoded once, cached
+    rep = _report(out)
+    assert rep["dataset"] == "cifar10" and rep["params_final"] <= 0.5 * rep["params_dense"]
+    for r in rep["per_layer"]:
+        assert r["filters_final"] % 4 == 0 or r["filters_final"] == r["filters_dense"]
+    # the cached run decodes nothing: the archive may even vanish
+    assert main(args[:-2] + ["--out", str(tmp_path / "run2"), "--val", "0.2"]) == 0
+    assert _report(str(tmp_path / "run2"))["val_top1"] is not None
+
+
+def _final_state(out):
+    return torch.load(os.path.join(out, "model.paam"), weights_only=True)["state_dict"]
+
+
+@pytest.mark.parametrize("stop_at", [30, 80])  # before the selection epoch / after compaction
+def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, stop_at):
+    common = ["--epochs", "4", "--select-epoch", "2", "--quiet", "--batch-size", "64"]
+    ref = str(tmp_path / "ref")
+    assert main(common + ["--out", ref]) == 0
+    out = str(tmp_path / "cut")
+    assert main(common + ["--out", out, "--max-steps", str(stop_at)]) == 0
+    assert not os.path.exists(os.path.join(out, "report.json"))
+    assert main(["--out", out, "--resume", "--quiet"]) == 0
+    a, b = _final_state(ref), _final_state(out)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_ddp_two_processes_agree(tmp_path):
+    out = str(tmp_path / "ddp")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", "29517", "-m", "paam_fast.train", "--epochs", "2", "--quiet",
+           "--select-epoch", "1", "--batch-size", "32", "--out", out]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    d0 = json.load(open(os.path.join(out, "digest_rank0.json")))
+    d1 = json.load(open(os.path.join(out, "digest_rank1.json")))
+    assert d0["weights_sha256"] == d1["weights_sha256"]
+    assert d0["widths"] == d1["widths"] and sum(d0["widths"].values()) > 0
+    assert _report(out)["params_final"] < _report(out)["params_dense"]
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--dataset", "cifar10"], "needs --data"),
+    (["--dataset", "cifar10", "--data", "/nonexistent/x.tar.gz"], "does not exist"),
+    (["--keep", "0"], "--keep must be a fraction"),
+    (["--arch", "resnet7"], "unknown --arch"),
+    (["--cuda-graphs", "--device", "cpu"], "--cuda-graphs needs a CUDA GPU"),
+])
+def test_bad_input_exits_2(tmp_path, capsys, argv, msg):
+    out = str(tmp_path / "x")
+    assert main(argv + ["--out", out, "--epochs", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert msg in err
+    if "does not exist" in msg:
+        assert "accepted --data layouts" in err
+
+
+def test_corrupt_archive_and_existing_run(tmp_path, capsys):
+    bad = tmp_path / "bad.tar.gz"
+    bad.write_bytes(b"\x1f\x8b\x08\x00garbage" * 100)
+    out = str(tmp_path / "x")
+    assert main(["--dataset", "cifar10", "--data", str(bad), "--out", out, "--quiet",
+                 "--cache", str(tmp_path / "c")]) == 2
+    assert "accepted --data layouts" in capsys.readouterr().err
+    os.makedirs(tmp_path / "prev")
+    (tmp_path / "prev" / "report.json").write_text("{}")
+    assert main(["--out", str(tmp_path / "prev"), "--epochs", "1", "--quiet"]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (tmp_path / "prev" / "report.json").read_text() == "{}"
