@@ -303,21 +303,23 @@ class TensorLoader:
         b, _, h, w = x.shape
         if self.pad:
             xp = F.pad(x, (self.pad,) * 4)
-            oy = torch.randint(0, 2 * self.pad + 1, (b,), generator=gen).to(x.device)
-            ox = torch.randint(0, 2 * self.pad + 1, (b,), generator=gen).to(x.device)
+            oy = torch.randint(0, 2 * self.pad + 1, (b,), generator=gen, device=x.device)
+            ox = torch.randint(0, 2 * self.pad + 1, (b,), generator=gen, device=x.device)
             rows = (oy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
             cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
             bi = torch.arange(b, device=x.device)[:, None, None, None]
             ci = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
             x = xp[bi, ci, rows, cols]
         if self.flip:
-            f = (torch.rand(b, generator=gen) < 0.5).to(x.device)
+            f = torch.rand(b, generator=gen, device=x.device) < 0.5
             x = torch.where(f[:, None, None, None], x.flip(3), x)
         return x
 
     def __iter__(self):
         idx = self._indices().to(self.device)
-        gen = torch.Generator().manual_seed(self.seed * 100003 + self.epoch + 7919)
+        # augmentation draws on the device itself: no host round trip per batch
+        gen = torch.Generator(device=self.device).manual_seed(self.seed * 100003 + self.epoch
+                                                              + 7919)
         nb = len(self)
         for i in range(nb):
             j = idx[i * self.batch_size:(i + 1) * self.batch_size]

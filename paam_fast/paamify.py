@@ -64,12 +64,15 @@ class PaamController(nn.Module):
         self._last = GateBox()  # list of (G, F) gates per group, from the last forward
         self.frozen = False
         self.compacted = False
+        self._all_alive = [True] * len(structure.units)
+        self._cost_cache: dict[str, tuple[list[float], float]] = {}
         # dense index of each kept channel, per space id (composed over compactions)
         self.kept: dict[int, list[int]] = {}
         p = next(model.parameters())
         for i, u in enumerate(self.units):
             self.register_buffer(f"mask_{i}", torch.ones(u.width, dtype=torch.bool,
                                                           device=p.device))
+        self.register_load_state_dict_post_hook(self.masks_changed)
         by_shape: dict[tuple[int, int], list[int]] = defaultdict(list)
         for i, u in enumerate(self.units):
             by_shape[(u.width, self._token_dim(u))].append(i)
@@ -113,8 +116,9 @@ class PaamController(nn.Module):
         for grp, idx in zip(self.groups, self.group_units):
             x = torch.stack([self.tokens(i) for i in idx]) if len(idx) > 1 \
                 else self.tokens(idx[0])[None]
-            masks = [self.mask(i) for i in idx]
-            alive = None if all(bool(m.all()) for m in masks) else torch.stack(masks)
+            # whether every filter is alive is cached on the host (no device sync per step)
+            alive = None if all(self._all_alive[i] for i in idx) \
+                else torch.stack([self.mask(i) for i in idx])
             out.append(dispatch.score(x, grp.wq, grp.wk, grp.wv, grp.w, grp.b, alive,
                                       self.leak, self.normalize))
         return out
@@ -165,6 +169,26 @@ class PaamController(nn.Module):
                 for row, i in enumerate(idx):
                     out[i] = g[row] * self.mask(i).to(g.dtype)
             return out
+
+    def masks_changed(self, *_) -> None:
+        """Refresh what depends on the masks: host-side caches (so a step needs no device
+        sync) and the BNs' frozen-statistics masks.  Runs after load_state_dict too."""
+        self._all_alive = [bool(self.mask(i).all()) for i in range(len(self.units))]
+        self._cost_cache.clear()
+        for i, u in enumerate(self.units):
+            for name in u.channelwise:
+                m = self._mods[name]
+                if isinstance(m, GatedBatchNorm2d):
+                    m._paam_alive = None if (self._all_alive[i] or self.compacted) \
+                        else self.mask(i)
+
+    def penalty_weights(self, cost: str) -> tuple[list[float], float]:
+        """(c_l per unit, Σ_l c_l·alive_l), cached until the masks change."""
+        if cost not in self._cost_cache:
+            c = self.filter_costs(cost)
+            den = sum(ci * int(m.sum()) for ci, m in zip(c, self.masks()))
+            self._cost_cache[cost] = (c, float(den))
+        return self._cost_cache[cost]
 
     def filter_costs(self, cost: str) -> list[float]:
         """c_l of §5: what one filter of each unit costs now, consumers' slices included."""
@@ -297,9 +321,8 @@ def penalty(model: nn.Module, cost: str = "uniform") -> torch.Tensor:
     if ctrl.scorer == "bn":  # Network Slimming: L1 on the units' BN γ
         return sum(ctrl.bn_scores(i, grad=True).sum() for i in range(len(ctrl.units)))
     gates = ctrl.unit_gates(detach=False)
-    c = ctrl.filter_costs(cost)
+    c, den = ctrl.penalty_weights(cost)
     num = sum(ci * g.float().sum() for ci, g in zip(c, gates))
-    den = sum(ci * int(m.sum()) for ci, m in zip(c, ctrl.masks()))
     return num / max(den, 1e-30)
 
 
@@ -336,11 +359,7 @@ def apply_masks(model: nn.Module, alive: dict[str, torch.Tensor]) -> None:
     for i, u in enumerate(ctrl.units):
         if u.name in alive:
             ctrl.mask(i).copy_(alive[u.name].to(ctrl.mask(i).device))
-        full = bool(ctrl.mask(i).all())
-        for name in u.channelwise:
-            m = ctrl._mods[name]
-            if isinstance(m, GatedBatchNorm2d):
-                m._paam_alive = None if full else ctrl.mask(i)
+    ctrl.masks_changed()
     if ctrl._last.value is not None:  # the last forward's gates, masked, for scores()/select()
         ctrl._last.value = [g * torch.stack([ctrl.mask(i) for i in idx]).to(g.dtype)
                             for g, idx in zip(ctrl._last.value, ctrl.group_units)]
@@ -394,10 +413,10 @@ def compact(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) ->
         if idx.numel() < mask.numel():
             slice_space(ctrl._mods, u.producers, u.channelwise, u.consumers, idx, optimizer)
         ctrl.kept[u.id] = idx.tolist()
-        ctrl._buffers[f"mask_{i}"] = torch.ones(idx.numel(), dtype=torch.bool, device=mask.device)
-        for name in u.channelwise:
-            ctrl._mods[name]._paam_alive = None
+        ctrl._buffers[f"mask_{i}"] = torch.ones(idx.numel(), dtype=torch.bool,
+                                                device=mask.device)
     ctrl.compacted = True
+    ctrl.masks_changed()
     return {u.name: len(ctrl.kept[u.id]) for u in ctrl.units}
 
 

@@ -448,10 +448,7 @@ class Run:
             apply_masks(self.model, alive)
             compact(self.model, self.optimizer)
             assert ctrl.compacted
-        self.model.load_state_dict(st["model"])
-        if self.gated and not controller(self.model).compacted:
-            ctrl = controller(self.model)
-            apply_masks(self.model, {u.name: m.clone() for u, m in zip(ctrl.units, ctrl.masks())})
+        self.model.load_state_dict(st["model"])  # masks included (re-applied by a hook)
         self.optimizer.load_state_dict(st["optimizer"])
         self.scheduler.load_state_dict(st["scheduler"])
         if self.pruner and st["pruner"]:
