@@ -12,9 +12,10 @@ import os
 
 import torch
 
+from . import _ext, masked_ops
 from .scoring import score_batched
 
-__all__ = ["BACKENDS", "scoring_backend", "score", "describe"]
+__all__ = ["BACKENDS", "scoring_backend", "score", "masked_backend", "masked", "describe"]
 
 BACKENDS = ("reference", "triton")
 
@@ -45,6 +46,36 @@ def score(x, wq, wk, wv, w, b, alive, leak, normalize, reference=score_batched):
     return reference(x, wq, wk, wv, w, b, alive, leak, normalize)
 
 
+class _ExtOps:
+    """The C++ ops under the reference's names (torch.ops.paam_fast.*)."""
+
+    @staticmethod
+    def masked_conv2d(*args, **kw):
+        return torch.ops.paam_fast.masked_conv2d(*args, **kw)
+
+    @staticmethod
+    def masked_batch_norm(*args, **kw):
+        return torch.ops.paam_fast.masked_batch_norm(*args, **kw)
+
+    @staticmethod
+    def masked_linear(*args, **kw):
+        return torch.ops.paam_fast.masked_linear(*args, **kw)
+
+
+def masked_backend() -> tuple[str, str]:
+    """(backend, reason) of the mask-aware compacted conv/BN/linear ops."""
+    if _requested() == "reference":
+        return "reference", "forced by PAAM_FAST_BACKEND=reference"
+    if _ext.load():
+        return "cpp", _ext.status()[1]
+    return "reference", _ext.status()[1]
+
+
+def masked():
+    """The namespace of masked_conv2d / masked_batch_norm / masked_linear to call."""
+    return _ExtOps if masked_backend()[0] == "cpp" else masked_ops
+
+
 def describe() -> dict[str, tuple[str, str]]:
     """{op: (backend, reason)} for ``python -m paam_fast.info``."""
     try:
@@ -53,6 +84,5 @@ def describe() -> dict[str, tuple[str, str]]:
         scoring = ("error", str(e))
     return {
         "scoring (attention network + gate)": scoring,
-        "masked conv/BN (after_select='masked')": (
-            "reference", "dense conv with hard masks; the C++ compacted op is not built yet"),
+        "masked conv/BN/linear (after_select='masked')": masked_backend(),
     }

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .nn import GatedBatchNorm2d, GatedConv2d, GatedConvBN2d, recast
+from .nn import GatedBatchNorm2d, GatedConv2d, GatedConvBN2d, GatedLinear, recast
 from .paamify import compact, controller, is_paamified
 from .surgery import slice_space
 
@@ -80,6 +80,8 @@ def export(model: nn.Module) -> nn.Module:
         elif isinstance(m, GatedConv2d):
             _fold(m)
             _set(plain, name, recast(m, nn.Conv2d))
+        elif isinstance(m, GatedLinear):
+            _set(plain, name, recast(m, nn.Linear))
     for name, m in list(plain.named_modules()):
         if isinstance(m, GatedConvBN2d):
             _set(plain, name, nn.Sequential(OrderedDict(conv=m.conv, bn=m.bn)))

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["GateBox", "GatedBatchNorm2d", "GatedConv2d", "GatedConvBN2d"]
+__all__ = ["GateBox", "GatedBatchNorm2d", "GatedConv2d", "GatedConvBN2d", "GatedLinear"]
 
 
 class GateBox:
@@ -48,6 +48,9 @@ class _Gated:
 
     _paam_box: GateBox | None = None
     _paam_alive: torch.Tensor | None = None  # (F,) bool, for masked mode's frozen BN stats
+    # Compact execution of masked mode: alive output / input channel indices (None: all).
+    _paam_out_idx: torch.Tensor | None = None
+    _paam_in_idx: torch.Tensor | None = None
 
     def current_gate(self) -> torch.Tensor | None:
         frozen = self._buffers.get("paam_gate")
@@ -75,6 +78,13 @@ class GatedBatchNorm2d(_Gated, nn.BatchNorm2d):
         use_stats = not self.training or self.track_running_stats
         weight, bias = self.weight, self.bias
         g = self.current_gate()
+        if self._paam_out_idx is not None:  # compact activations: alive channels only
+            from .dispatch import masked
+
+            return masked().masked_batch_norm(
+                input, weight, bias, self.running_mean if use_stats else None,
+                self.running_var if use_stats else None, g, self._paam_out_idx, bn_training,
+                factor, self.eps, False)
         if g is not None:
             g = g.to(weight.dtype) if weight is not None else g
             weight = g if weight is None else weight * g
@@ -105,11 +115,33 @@ class GatedConv2d(_Gated, nn.Conv2d):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         g = self.current_gate()
+        if self._paam_out_idx is not None or self._paam_in_idx is not None:
+            if self.padding_mode != "zeros" or isinstance(self.padding, str):
+                raise NotImplementedError("masked compact execution supports zero padding given "
+                                          "as integers only")
+            from .dispatch import masked
+
+            return masked().masked_conv2d(input, self.weight, self.bias, g, self._paam_out_idx,
+                                          self._paam_in_idx, list(self.stride),
+                                          list(self.padding), list(self.dilation), self.groups,
+                                          False)
         if g is None:
             return super().forward(input)
         g = g.to(self.weight.dtype)
         bias = None if self.bias is None else self.bias * g
         return self._conv_forward(input, self.weight * g[:, None, None, None], bias)
+
+
+class GatedLinear(_Gated, nn.Linear):
+    """nn.Linear reading only the alive input features in masked mode's compact execution
+    (a classifier after flatten).  Otherwise exactly nn.Linear."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self._paam_in_idx is None:
+            return super().forward(input)
+        from .dispatch import masked
+
+        return masked().masked_linear(input, self.weight, self.bias, self._paam_in_idx, False)
 
 
 class GatedConvBN2d(nn.Module):

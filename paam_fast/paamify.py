@@ -16,7 +16,7 @@ from torch import nn
 
 from . import dispatch
 from .graph import Space, Structure, analyse
-from .nn import GateBox, GatedBatchNorm2d, GatedConv2d, GatedConvBN2d, _Gated, recast
+from .nn import GateBox, GatedBatchNorm2d, GatedConv2d, GatedConvBN2d, GatedLinear, _Gated, recast
 from .selection import Selection, check_keep, check_mass, choose
 from .surgery import slice_space
 
@@ -65,6 +65,8 @@ class PaamController(nn.Module):
         self.frozen = False
         self.compacted = False
         self._all_alive = [True] * len(structure.units)
+        # masked mode: "compact" runs on the alive channels only; "dense" multiplies by masks
+        self.masked_compute = "compact"
         self._cost_cache: dict[str, tuple[list[float], float]] = {}
         # dense index of each kept channel, per space id (composed over compactions)
         self.kept: dict[int, list[int]] = {}
@@ -175,12 +177,25 @@ class PaamController(nn.Module):
         sync) and the BNs' frozen-statistics masks.  Runs after load_state_dict too."""
         self._all_alive = [bool(self.mask(i).all()) for i in range(len(self.units))]
         self._cost_cache.clear()
-        for i, u in enumerate(self.units):
-            for name in u.channelwise:
+        compact_exec = self.masked_compute == "compact" and not self.compacted
+        for u in self.units:  # clear, then set below: a module can sit in two units
+            for name in u.producers + u.channelwise + [c[0] for c in u.consumers]:
                 m = self._mods[name]
-                if isinstance(m, GatedBatchNorm2d):
-                    m._paam_alive = None if (self._all_alive[i] or self.compacted) \
-                        else self.mask(i)
+                m._paam_out_idx = m._paam_in_idx = m._paam_alive = None
+        for i, u in enumerate(self.units):
+            if self._all_alive[i] or self.compacted:
+                continue
+            if not compact_exec:
+                for name in u.channelwise:
+                    if isinstance(self._mods[name], GatedBatchNorm2d):
+                        self._mods[name]._paam_alive = self.mask(i)
+                continue
+            idx = torch.nonzero(self.mask(i)).flatten()
+            for name in u.producers + u.channelwise:
+                self._mods[name]._paam_out_idx = idx
+            for name, block in u.consumers:
+                self._mods[name]._paam_in_idx = idx if block == 1 else (
+                    idx[:, None] * block + torch.arange(block, device=idx.device)).flatten()
 
     def penalty_weights(self, cost: str) -> tuple[list[float], float]:
         """(c_l per unit, Σ_l c_l·alive_l), cached until the masks change."""
@@ -282,15 +297,19 @@ def paamify(model: nn.Module, coupling: str = "internal", dim: int = 32, leak: f
         warnings.warn(w, stacklevel=2)
     # Swap the gate sites (and every BN of a unit, for masked mode's frozen statistics).
     swap = {}
+    # Every conv / BN / Linear that carries a unit's channels gets a gated class (same
+    # Parameters): sites apply the gate, and in masked mode all of them run on alive channels.
     for u in structure.units:
-        for name in u.sites + u.channelwise:
+        for name in u.sites + u.producers + u.channelwise + [c[0] for c in u.consumers]:
             m = model.get_submodule(name)
-            if isinstance(m, _Gated):
+            if isinstance(m, _Gated) or name in swap:
                 continue
             if isinstance(m, nn.BatchNorm2d):
                 swap[name] = recast(m, GatedBatchNorm2d)
-            elif isinstance(m, nn.Conv2d) and name in u.sites:
+            elif isinstance(m, nn.Conv2d):
                 swap[name] = recast(m, GatedConv2d)
+            elif isinstance(m, nn.Linear):
+                swap[name] = recast(m, GatedLinear)
     for name, new in swap.items():
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)

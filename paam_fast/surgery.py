@@ -47,6 +47,12 @@ def slice_buffer(m: nn.Module, name: str, dim: int, idx: torch.Tensor) -> None:
         m._buffers[name] = buf.index_select(dim, idx.to(buf.device)).clone()
 
 
+def _forget(m: nn.Module, *names: str) -> None:
+    """Drop masked mode's per-module index attributes: the channels are gone now."""
+    for n in names:
+        m.__dict__.pop(n, None)
+
+
 def _slice_out(m: nn.Module, idx: torch.Tensor, optimizer) -> None:
     """Keep output channels ``idx`` of a conv, depthwise conv or BN."""
     n = int(idx.numel())
@@ -68,8 +74,7 @@ def _slice_out(m: nn.Module, idx: torch.Tensor, optimizer) -> None:
     else:
         raise TypeError(f"cannot slice the output channels of {type(m).__name__}")
     slice_buffer(m, "paam_gate", 0, idx)
-    if getattr(m, "_paam_alive", None) is not None:
-        m._paam_alive = None
+    _forget(m, "_paam_alive", "_paam_out_idx")
 
 
 def _slice_in(m: nn.Module, idx: torch.Tensor, block: int, optimizer) -> None:
@@ -77,10 +82,12 @@ def _slice_in(m: nn.Module, idx: torch.Tensor, block: int, optimizer) -> None:
     if isinstance(m, nn.Conv2d):
         slice_param(m, "weight", 1, idx, optimizer)
         m.in_channels = int(idx.numel())
+        _forget(m, "_paam_in_idx")
     elif isinstance(m, nn.Linear):
         feat = (idx[:, None] * block + torch.arange(block, device=idx.device)).flatten()
         slice_param(m, "weight", 1, feat, optimizer)
         m.in_features = int(feat.numel())
+        _forget(m, "_paam_in_idx")
     else:
         raise TypeError(f"cannot slice the input channels of {type(m).__name__}")
 

@@ -144,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--steps", type=int, default=4, help="selection events in masked mode")
     a("--val", type=_val, default=None, help="carve a validation set from the training set "
       "(a fraction, or a count): per-epoch accuracy is measured on it, never on the test set")
+    a("--subset", type=int, default=None, help="train on this many images of the training split "
+      "(after --val is carved out; stratified, fixed seed): quick searches on small machines "
+      "(digits and cifar10)")
     a("--amp", default="none", choices=["none", "bf16"], help="bf16 autocast")
     a("--channels-last", action="store_true", help="channels_last memory format")
     a("--cuda-graphs", action="store_true", help="replay forward+backward as CUDA graphs "
@@ -289,6 +292,11 @@ class _Data:
             val = None
             if args.val:
                 train, val = D.split_validation(train, args.val)
+            if args.subset:
+                if args.subset >= len(train):
+                    raise UsageError(f"--subset {args.subset} is not below the {len(train)} "
+                                     "training images")
+                _, train = D.split_validation(train, args.subset)
             kw = {"mean": mean, "std": std, "rank": d.rank, "world": d.world,
                   "channels_last": args.channels_last}
             self.train = D.TensorLoader(train, args.batch_size, dev, train=True, pad=pad,

@@ -20,7 +20,9 @@ def randomize(model: nn.Module, seed: int = 0) -> None:
                 m.bias.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
         if pf.is_paamified(model):
             for g in model.paam.groups:
-                g.w.copy_(torch.randn(g.w.shape, generator=gen).to(g.w.dtype))
+                # e = H·w + b of order 1: spread gates, not a few exp(-10) outliers
+                g.w.copy_((torch.randn(g.w.shape, generator=gen) / g.w.shape[-1] ** 0.5)
+                          .to(g.w.dtype))
                 g.b.copy_((torch.randn(g.b.shape, generator=gen) * 0.3).to(g.b.dtype))
 
 

@@ -1,0 +1,105 @@
+"""The CIFAR-10 settings search of the "CIFAR-10 experiment" work item, as a resumable driver.
+
+Each run is one ``paam-train`` invocation on a validation split carved from the training set
+(never the test set); results are appended to ``--results`` (JSONL: setting, seed, validation
+top-1, params, FLOPs, per-unit widths) and summarised by ``--summary``.  Runs already in the
+results file are skipped, so the driver can be stopped and started again.
+
+    python benchmarks/cifar_search.py --grid cpu-small --data ../shared/data/cifar10-jpeg.tar.gz
+    python benchmarks/cifar_search.py --summary --results RESULTS/cifar_search.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+# CPU grid: ResNet20 on a 10k-image training subset, 15 epochs, selection at 30%, 50% params.
+BASE_CPU = ["--arch", "resnet20", "--epochs", "15", "--val", "5000", "--subset", "10000",
+            "--keep", "0.5", "--round-to", "1", "--quiet"]
+GRIDS = {
+    "cpu-small": [
+        ("dense", ["--method", "dense"]),
+        ("uniform", ["--method", "uniform"]),
+        ("slim lam=1e-4", ["--method", "slim", "--lam", "1e-4"]),
+        ("paam lam=0.05", ["--lam", "0.05"]),
+        ("paam lam=0.5", ["--lam", "0.5"]),
+        ("paam lam=2", ["--lam", "2"]),
+        ("paam lam=0.5 min_keep=0.25", ["--lam", "0.5", "--min-keep", "0.25"]),
+        ("paam lam=0.5 cost=params", ["--lam", "0.5", "--cost", "params"]),
+        ("paam lam=0.5 normalize=none", ["--lam", "0.5", "--normalize", "none"]),
+        ("paam lam=0.5 masked", ["--lam", "0.5", "--after-select", "masked"]),
+        ("paam lam=0.5 select@60%", ["--lam", "0.5", "--select-epoch", "9"]),
+        ("paam lam=0.5 dim=8", ["--lam", "0.5", "--dim", "8"]),
+    ],
+}
+
+
+def run_grid(args) -> None:
+    done = set()
+    if os.path.exists(args.results):
+        for line in open(args.results):
+            r = json.loads(line)
+            done.add((r["setting"], r["seed"]))
+    os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
+    for seed in args.seeds:
+        for name, extra in GRIDS[args.grid]:
+            if (name, seed) in done:
+                continue
+            out = os.path.join(args.runs, f"{name.replace(' ', '_').replace('=', '')}-s{seed}")
+            cmd = [sys.executable, "-m", "paam_fast.train", "--dataset", "cifar10", "--data",
+                   args.data, "--seed", str(seed), "--out", out, *BASE_CPU, *extra]
+            if os.path.exists(os.path.join(out, "ckpt.pt")):
+                cmd.append("--resume")
+            t = time.time()
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            if res.returncode != 0:
+                print(f"FAILED {name} seed {seed}: {res.stderr[-2000:]}", flush=True)
+                continue
+            rep = json.load(open(os.path.join(out, "report.json")))
+            row = {"setting": name, "seed": seed, "val_top1": rep["val_top1"],
+                   "params": rep["params_final"], "params_dense": rep["params_dense"],
+                   "flops": rep["flops_final"], "flops_dense": rep["flops_dense"],
+                   "widths": {r["name"]: r["filters_final"] for r in rep["per_layer"]},
+                   "wall_s": time.time() - t, "commit": rep["commit"],
+                   "command": " ".join(cmd[1:]), "date": time.strftime("%Y-%m-%d")}
+            with open(args.results, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(f"{name} seed {seed}: val {row['val_top1']:.2%}, params {row['params']:,}",
+                  flush=True)
+
+
+def summary(path: str) -> str:
+    rows = [json.loads(line) for line in open(path)]
+    by: dict[str, list] = {}
+    for r in rows:
+        by.setdefault(r["setting"], []).append(r)
+    lines = ["| setting | seeds | val top-1 (mean ± std) | params | MACs |",
+             "|---|---|---|---|---|"]
+    for name, rs in by.items():
+        accs = [r["val_top1"] for r in rs]
+        m = sum(accs) / len(accs)
+        sd = (sum((a - m) ** 2 for a in accs) / (len(accs) - 1)) ** 0.5 if len(accs) > 1 else 0
+        p = sum(r["params"] for r in rs) / len(rs)
+        f = sum(r["flops"] for r in rs) / len(rs)
+        lines.append(f"| {name} | {len(rs)} | {m:.2%} ± {sd:.2%} | {p:,.0f} | {f:,.0f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--grid", default="cpu-small", choices=sorted(GRIDS))
+    ap.add_argument("--data", default="../shared/data/cifar10-jpeg.tar.gz")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--results", default="results/cifar_search.jsonl")
+    ap.add_argument("--runs", default="runs/search")
+    ap.add_argument("--summary", action="store_true")
+    a = ap.parse_args()
+    if a.summary:
+        print(summary(a.results))
+    else:
+        run_grid(a)
