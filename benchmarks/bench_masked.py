@@ -1,0 +1,109 @@
+"""Masked training compute: dense masks vs the mask-aware compacted ops vs the physically
+compacted model, at 100/75/50/25% of gated channels alive; plus one compaction event's cost.
+
+    python benchmarks/bench_masked.py --arch resnet50 --batch 256 --size 224     # GPU
+    python benchmarks/bench_masked.py --arch resnet50 --batch 8 --size 64        # CPU, small
+
+GPU: bf16 autocast, channels_last; eager and CUDA-graphed.  Writes one JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_train_step import graphed  # noqa: E402
+from harness import timeit, write_json  # noqa: E402
+
+import paam_fast as pf  # noqa: E402
+from paam_fast import dispatch  # noqa: E402
+
+
+def build(arch, size, frac, dev):
+    torch.manual_seed(0)
+    model = pf.paamify(pf.models.get_model(arch), input_size=(1, 3, size, size)).to(dev)
+    if frac < 1:
+        ctrl = model.paam
+        alive = {}
+        for u in ctrl.units:  # a random alive set of the given fraction per unit
+            m = torch.zeros(u.width, dtype=torch.bool)
+            m[torch.randperm(u.width)[: max(1, round(frac * u.width))]] = True
+            alive[u.name] = m
+        pf.apply_masks(model, alive)
+    pf.freeze(model)  # frozen gates: measure the network's compute, not the scoring
+    return model
+
+
+def step_fn(model, batch, size, dev):
+    cuda = dev == "cuda"
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x = torch.randn(batch, 3, size, size, device=dev)
+    if cuda:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,), device=dev)
+
+    def step():
+        with torch.autocast(dev, torch.bfloat16, enabled=cuda):
+            loss = F.cross_entropy(model(x).float(), y)
+        opt.zero_grad(set_to_none=False)
+        loss.backward()
+        opt.step()
+
+    return step, opt
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", default="resnet50")
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.75, 0.5, 0.25])
+    a = ap.parse_args()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    modes = ["eager", "graphed"] if dev == "cuda" else ["eager"]
+    res = {"arch": a.arch, "batch": a.batch, "size": a.size, "device_kind": dev,
+           "masked_backend": dispatch.masked_backend(), "rows": []}
+    for frac in a.fractions:
+        row = {"alive": frac}
+        for variant in ("dense_masks", "masked_ext", "compacted"):
+            model = build(a.arch, a.size, frac, dev)
+            if variant == "dense_masks":
+                model.paam.masked_compute = "dense"
+                model.paam.masks_changed()
+            elif variant == "compacted":
+                pf.compact(model)
+            step, _ = step_fn(model, a.batch, a.size, dev)
+            for mode in modes:
+                fn = graphed(step) if mode == "graphed" else step
+                row[f"{variant}_{mode}_ms"] = timeit(fn, reps=20 if dev == "cuda" else 5)[
+                    "median_ms"]
+        # one compaction event: compact in place + (GPU) re-capture of the step graph
+        model = build(a.arch, a.size, frac, dev)
+        step, opt = step_fn(model, a.batch, a.size, dev)
+        step()
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        pf.compact(model, opt)
+        step2, _ = step_fn(model, a.batch, a.size, dev)
+        if dev == "cuda":
+            graphed(step2)
+            torch.cuda.synchronize()
+        else:
+            step2()
+        row["compaction_event_s"] = time.perf_counter() - t
+        res["rows"].append(row)
+        print(row, flush=True)
+    print("wrote", write_json(f"masked_{a.arch}_b{a.batch}", res))
+
+
+if __name__ == "__main__":
+    main()
