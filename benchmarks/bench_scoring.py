@@ -39,22 +39,50 @@ def setup(arch: str, size: int, device: str = "cpu"):
     def batched():
         gates = ctrl.compute_gates()
         sum(g.sum() for g in gates).backward()
+        for p in ctrl.parameters():  # keep .grad tensors in place (graph capture), zeroed
+            p.grad.zero_()
 
     def chains():
         total = 0
         for i, ps in per_unit:
             total = total + score_unit(ctrl.tokens(i), *ps, None, ctrl.leak, ctrl.normalize).sum()
         total.backward()
+        for _, ps in per_unit:
+            for p in ps:
+                p.grad.zero_()
 
     return model, batched, chains
 
 
+def _with_backend(backend, fn):
+    def call():
+        old = os.environ.get("PAAM_FAST_BACKEND")
+        os.environ["PAAM_FAST_BACKEND"] = backend
+        try:
+            return fn()
+        finally:
+            if old is None:
+                os.environ.pop("PAAM_FAST_BACKEND")
+            else:
+                os.environ["PAAM_FAST_BACKEND"] = old
+    return call
+
+
 def run(arch: str, size: int, reps: int) -> dict:
-    model, batched, chains = setup(arch, size)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model, batched, chains = setup(arch, size, dev)
     res = {"arch": arch, "units": len(model.paam.units), "shape_groups": len(model.paam.groups),
-           "mode": "eager", "dtype": "float32"}
-    for name, fn in (("per_unit_chains", chains), ("batched_reference", batched)):
-        res[name] = {**count_ops(fn), **timeit(fn, reps=reps)}
+           "dtype": "float32", "device_kind": dev}
+    variants = [("per_unit_chains", chains),
+                ("batched_reference", _with_backend("reference", batched))]
+    if dev == "cuda":
+        variants.append(("triton", _with_backend("triton", batched)))
+    for name, fn in variants:
+        res[name] = {**count_ops(fn), "eager": timeit(fn, reps=reps)}
+        if dev == "cuda":  # the whole forward+backward replayed as one CUDA graph
+            from bench_train_step import graphed
+
+            res[name]["graphed"] = timeit(graphed(fn), reps=reps, cudagraph=False)
     return res
 
 
@@ -78,8 +106,13 @@ if __name__ == "__main__":
     args = ap.parse_args()
     r = run(args.arch, args.size, args.reps)
     print(f"{args.arch}: {r['units']} gated units in {r['shape_groups']} (F, D) groups")
-    for k in ("per_unit_chains", "batched_reference"):
+    for k in ("per_unit_chains", "batched_reference", "triton"):
+        if k not in r:
+            continue
         v = r[k]
-        print(f"  {k:<18} {v['aten_ops']:>6} ATen ops  {v['median_ms']:8.2f} ms "
-              f"(p20 {v['p20_ms']:.2f}, p80 {v['p80_ms']:.2f})")
+        line = (f"  {k:<18} {v['aten_ops']:>6} ATen ops {v['gpu_kernels']:>5} GPU kernels  eager "
+                f"{v['eager']['median_ms']:8.3f} ms")
+        if "graphed" in v:
+            line += f"  graphed {v['graphed']['median_ms']:8.3f} ms"
+        print(line)
     print("wrote", write_json(f"scoring_{args.arch}", r))

@@ -1,9 +1,9 @@
 """One place that chooses the implementation of each op (ENGINEERING.md "Ops").
 
 ``PAAM_FAST_BACKEND=reference|triton`` forces a backend; unset, the fastest available one for
-the tensors' device is used.  Only the pure-PyTorch reference exists in this build: the fused
-Triton scoring kernels and the C++ mask-aware conv/BN ops are separate work items, and asking
-for them explicitly raises a clear error instead of silently running something else.
+the tensors' device is used: the fused Triton scoring kernels on CUDA, the batched PyTorch
+reference elsewhere; the C++ mask-aware ops when the extension is built.  Forcing a backend that
+cannot run raises a clear error instead of silently running something else.
 """
 
 from __future__ import annotations
@@ -29,20 +29,43 @@ def _requested() -> str | None:
     return value
 
 
-def scoring_backend(device: torch.device | None = None) -> tuple[str, str]:
-    """(backend, reason) for the scoring op on ``device``."""
+def _triton_problem(device: torch.device | None, dtype: torch.dtype | None) -> str | None:
+    """Why the Triton scoring path cannot run here, or None."""
+    try:
+        import triton  # noqa: F401
+    except Exception as e:  # ImportError, or a broken install
+        return f"Triton is not importable ({type(e).__name__}: {e})"
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if device is not None and device.type != "cuda" and not interpret:
+        return f"Triton kernels run on CUDA tensors (these are on {device}); " \
+               "TRITON_INTERPRET=1 runs them on the CPU through the interpreter"
+    if device is None and not torch.cuda.is_available() and not interpret:
+        return "no CUDA GPU (TRITON_INTERPRET=1 runs the kernels on the CPU)"
+    if dtype is not None and dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"the kernels take fp32/bf16/fp16 parameters, not {dtype}"
+    return None
+
+
+def scoring_backend(device: torch.device | None = None,
+                    dtype: torch.dtype | None = None) -> tuple[str, str]:
+    """(backend, reason) for the scoring op on ``device`` with parameters of ``dtype``."""
     req = _requested()
-    if req == "triton":
-        raise RuntimeError("PAAM_FAST_BACKEND=triton, but this build of paam_fast has no Triton "
-                           "scoring kernels yet; unset it or use PAAM_FAST_BACKEND=reference")
     if req == "reference":
         return "reference", "forced by PAAM_FAST_BACKEND=reference"
-    return "reference", "the only scoring implementation in this build"
+    problem = _triton_problem(device, dtype)
+    if req == "triton":
+        if problem:
+            raise RuntimeError(f"PAAM_FAST_BACKEND=triton, but {problem}")
+        return "triton", "forced by PAAM_FAST_BACKEND=triton"
+    if problem is None and (device is None or device.type == "cuda"):
+        return "triton", "fused Triton kernels, the default on CUDA"
+    return "reference", problem or "the batched PyTorch reference, the default off CUDA"
 
 
 def score(x, wq, wk, wv, w, b, alive, leak, normalize, reference=score_batched):
-    """Gates of a (F, D) group of units; see :func:`paam_fast.scoring.score_batched`."""
-    scoring_backend(x.device)
+    """Gates of a (F, D) group of units by the reference; see
+    :func:`paam_fast.scoring.score_batched` (the Triton path scores all groups at once, in
+    :meth:`paam_fast.paamify.PaamController.compute_gates`)."""
     return reference(x, wq, wk, wv, w, b, alive, leak, normalize)
 
 

@@ -113,7 +113,13 @@ class PaamController(nn.Module):
 
     # ------------------------------------------------------------------ scoring
     def compute_gates(self) -> list[torch.Tensor]:
-        """Score every unit: one batched chain per (F, D) group. Returns (G, F) per group."""
+        """Score every unit: the fused Triton kernels (all units, a few launches) or one batched
+        reference chain per (F, D) group. Returns (G, F) per group."""
+        p = self.groups[0].wq
+        if dispatch.scoring_backend(p.device, p.dtype)[0] == "triton":
+            from .triton_scoring import score_all
+
+            return score_all(self)
         out = []
         for grp, idx in zip(self.groups, self.group_units):
             x = torch.stack([self.tokens(i) for i in idx]) if len(idx) > 1 \
@@ -177,6 +183,7 @@ class PaamController(nn.Module):
         sync) and the BNs' frozen-statistics masks.  Runs after load_state_dict too."""
         self._all_alive = [bool(self.mask(i).all()) for i in range(len(self.units))]
         self._cost_cache.clear()
+        self.__dict__.pop("_triton_table", None)  # alive counts changed: rebuilt on next use
         compact_exec = self.masked_compute == "compact" and not self.compacted
         for u in self.units:  # clear, then set below: a module can sit in two units
             for name in u.producers + u.channelwise + [c[0] for c in u.consumers]:
@@ -224,6 +231,12 @@ class PaamController(nn.Module):
 
     def _pre_forward(self, module, args) -> None:
         self.refresh()
+
+    def forward(self, x):
+        """Identity.  The controller is a child of the model (so ``model.parameters()`` holds
+        the scoring networks); an ``nn.Sequential`` model calls its children in order, and the
+        controller, registered last, must then pass the output through unchanged."""
+        return x
 
 
 def is_paamified(model: nn.Module) -> bool:

@@ -55,3 +55,13 @@ def test_gated_conv_feeding_batchnorm_is_warned():
                         nn.Linear(4, 2))
     with pytest.warns(UserWarning, match="feeds a BatchNorm, which cancels its gate"):
         pf.paamify(net, input_size=(1, 3, 12, 12))
+
+
+def test_sequential_model_runs_after_paamify():
+    # the controller is a child module: Sequential must pass through it unchanged
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    x = torch.randn(2, 3, 10, 10)
+    y = net(x)
+    pf.paamify(net, input_size=(1, 3, 10, 10))
+    assert torch.equal(net(x), y)

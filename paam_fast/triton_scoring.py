@@ -1,0 +1,188 @@
+"""The fused Triton scoring path: registered ops around ``kernels/scoring.py``, with fake
+implementations (torch.compile) and autograd, and the per-model unit table.
+
+Forward: one ``torch.cat`` of the tokens, ``proj_fwd_kernel`` and ``attn_fwd_kernel``.
+Backward: one zero-fill, ``attn_bwd_kernel`` and ``proj_bwd_kernel``.  The reference is
+``paam_fast.scoring.score_batched``; the choice between them is made in ``paam_fast.dispatch``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from .scoring import TOKEN_EPS
+
+__all__ = ["UnitTable", "score_all"]
+
+
+def _blocks(device: torch.device) -> dict:
+    # Small tiles under the CPU interpreter (speed); GPU tiles sized for tensor-core dots.
+    if device.type == "cpu":
+        return {"BLOCK_F": 16, "BLOCK_K": 16}
+    return {"BLOCK_F": 64, "BLOCK_K": 64}
+
+
+def _bdh(dh: int) -> int:
+    return max(16, 1 << (dh - 1).bit_length())
+
+
+@torch.library.custom_op("paam_fast::score_units", mutates_args=())
+def score_units(tok: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor,
+                w: torch.Tensor, b: torch.Tensor, alive: torch.Tensor, table: torch.Tensor,
+                max_f: int, max_d: int, leak: float, norm_max: bool
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                           torch.Tensor, torch.Tensor]:
+    """Gates of every unit. tok (T,), wq/wk/wv (W,), w (U, DH), b (U,), alive (R,) int8,
+    table (U, 6) int64.  Returns g (R,) fp32 and the saved state qkv (R, 3·DH), ss (U,),
+    h (R, DH), lse (R,), s (R,), m (U,)."""
+    from paam_fast.kernels import scoring as K
+
+    u, dh = w.shape
+    r = alive.numel()
+    dev = tok.device
+    qkv, h = _out(r, 3 * dh, device=dev), _out(r, dh, device=dev)
+    lse, s, g = _out(r, device=dev), _out(r, device=dev), _out(r, device=dev)
+    m = _out(u, device=dev)
+    ss = torch.zeros(u, dtype=torch.float32, device=dev)
+    bl = _blocks(dev)
+    ieee = True  # fp32 dots everywhere: the arithmetic is ~0.3% of a step; accuracy first
+    K.proj_fwd_kernel[(u, triton_cdiv(max_f, bl["BLOCK_F"]))](
+        tok, wq, wk, wv, alive, table, qkv, ss, DH=dh, BLOCK_F=bl["BLOCK_F"],
+        BLOCK_K=bl["BLOCK_K"], BLOCK_DH=_bdh(dh), IEEE=ieee)
+    K.attn_fwd_kernel[(u,)](
+        qkv, ss, table, alive, w, b, h, lse, s, m, g, leak, 1.0 / math.sqrt(dh), TOKEN_EPS,
+        DH=dh, NORM_MAX=norm_max, BLOCK_F=bl["BLOCK_F"], BLOCK_DH=_bdh(dh), IEEE=ieee)
+    return g, qkv, ss, h, lse, s, m
+
+
+def _out(*shape: int, device) -> torch.Tensor:
+    """An fp32 output buffer; NaN-filled under PAAM_FAST_POISON=1 so that an element a kernel
+    fails to write shows up in the tests."""
+    if os.environ.get("PAAM_FAST_POISON") == "1":
+        return torch.full(shape, float("nan"), dtype=torch.float32, device=device)
+    return torch.empty(shape, dtype=torch.float32, device=device)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return max(1, -(-a // b))
+
+
+@score_units.register_fake
+def _(tok, wq, wk, wv, w, b, alive, table, max_f, max_d, leak, norm_max):
+    u, dh = w.shape
+    r = alive.shape[0]
+    new = lambda *s: tok.new_empty(s, dtype=torch.float32)
+    return new(r), new(r, 3 * dh), new(u), new(r, dh), new(r), new(r), new(u)
+
+
+@torch.library.custom_op("paam_fast::score_units_backward", mutates_args=())
+def score_units_backward(dg: torch.Tensor, tok: torch.Tensor, w: torch.Tensor,
+                         b: torch.Tensor, alive: torch.Tensor, table: torch.Tensor,
+                         qkv: torch.Tensor, ss: torch.Tensor, h: torch.Tensor,
+                         lse: torch.Tensor, s: torch.Tensor, m: torch.Tensor, n_w: int,
+                         max_f: int, max_d: int, leak: float, norm_max: bool
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                    torch.Tensor]:
+    """Gradients (dwq, dwk, dwv (n_w,), dw (U, DH), db (U,)) from dg (R,)."""
+    from paam_fast.kernels import scoring as K
+
+    u, dh = w.shape
+    dev = tok.device
+    dg = dg.contiguous().float()  # the gradient of a sum() arrives expanded (stride 0)
+    dqkv = torch.zeros_like(qkv)
+    dw, db = _out(u, dh, device=dev), _out(u, device=dev)
+    dwq, dwk, dwv = (torch.zeros(n_w, dtype=torch.float32, device=dev) for _ in range(3))
+    bl = _blocks(dev)
+    K.attn_bwd_kernel[(u,)](
+        qkv, ss, table, alive, w, b, h, lse, s, m, dg, dqkv, dw, db, leak, 1.0 / math.sqrt(dh),
+        TOKEN_EPS, DH=dh, NORM_MAX=norm_max, BLOCK_F=bl["BLOCK_F"], BLOCK_DH=_bdh(dh),
+        IEEE=True)
+    K.proj_bwd_kernel[(u, triton_cdiv(max_d, bl["BLOCK_K"]))](
+        tok, dqkv, table, dwq, dwk, dwv, DH=dh, BLOCK_F=bl["BLOCK_F"], BLOCK_K=bl["BLOCK_K"],
+        BLOCK_DH=_bdh(dh), IEEE=True)
+    return dwq, dwk, dwv, dw.to(w.dtype), db.to(b.dtype)
+
+
+@score_units_backward.register_fake
+def _(dg, tok, w, b, alive, table, qkv, ss, h, lse, s, m, n_w, max_f, max_d, leak, norm_max):
+    u, dh = w.shape
+    f32 = lambda *sh: tok.new_empty(sh, dtype=torch.float32)
+    return f32(n_w), f32(n_w), f32(n_w), w.new_empty(u, dh), b.new_empty(u)
+
+
+def _setup(ctx, inputs, output):
+    tok, wq, wk, wv, w, b, alive, table, max_f, max_d, leak, norm_max = inputs
+    g, qkv, ss, h, lse, s, m = output
+    ctx.save_for_backward(tok, w, b, alive, table, qkv, ss, h, lse, s, m)
+    ctx.cfg = (wq.numel(), max_f, max_d, leak, norm_max, wq.dtype)
+
+
+def _backward(ctx, dg, *_unused):
+    tok, w, b, alive, table, qkv, ss, h, lse, s, m = ctx.saved_tensors
+    n_w, max_f, max_d, leak, norm_max, wdtype = ctx.cfg
+    dwq, dwk, dwv, dw, db = score_units_backward(dg, tok, w, b, alive, table, qkv, ss, h, lse,
+                                                 s, m, n_w, max_f, max_d, leak, norm_max)
+    cast = lambda t: t.to(wdtype)
+    return None, cast(dwq), cast(dwk), cast(dwv), dw, db, None, None, None, None, None, None
+
+
+class UnitTable:
+    """The device-side description of a model's units, built once per model (and rebuilt when
+    masks change the alive counts).  Units are taken group-major, so every flat buffer is the
+    concatenation of the shape groups' stacked tensors and gates come back as (G, F) views."""
+
+    def __init__(self, ctrl) -> None:
+        self.order = [i for idx in ctrl.group_units for i in idx]
+        dev = ctrl.mask(0).device
+        rows, tok, woff = 0, 0, 0
+        tab = []
+        for gi, idx in enumerate(ctrl.group_units):
+            d_tok = ctrl.groups[gi].wq.shape[1]
+            f = ctrl.units[idx[0]].width
+            for _ in idx:
+                tab.append([f, d_tok, rows, tok, woff, 0])
+                rows += f
+                tok += f * d_tok
+                woff += d_tok * ctrl.dim
+        self.table_cpu = torch.tensor(tab, dtype=torch.int64)
+        self.rows = rows
+        self.max_f = max(t[0] for t in tab)
+        self.max_d = max(t[1] for t in tab)
+        self.device = dev
+        self.refresh(ctrl)
+
+    def refresh(self, ctrl) -> None:
+        """Alive masks and counts changed (selection events): update the device copies."""
+        masks = [ctrl.mask(i) for i in self.order]
+        self.table_cpu[:, 5] = torch.tensor([int(m.sum()) for m in masks])
+        self.table = self.table_cpu.to(self.device)
+        self.alive = torch.cat(masks).to(torch.int8)
+
+
+score_units.register_autograd(_backward, setup_context=_setup)
+
+
+def score_all(ctrl) -> list[torch.Tensor]:
+    """Gates of every unit of ``ctrl``'s model, as (G, F) per shape group (fp32)."""
+    tab = ctrl.__dict__.get("_triton_table")
+    if tab is None or tab.device != ctrl.mask(0).device:
+        tab = UnitTable(ctrl)
+        ctrl._triton_table = tab
+    tok = torch.cat([ctrl.tokens(i).reshape(-1) for i in tab.order]).float()
+    wq = torch.cat([g.wq.reshape(-1) for g in ctrl.groups])
+    wk = torch.cat([g.wk.reshape(-1) for g in ctrl.groups])
+    wv = torch.cat([g.wv.reshape(-1) for g in ctrl.groups])
+    w = torch.cat([g.w for g in ctrl.groups])
+    b = torch.cat([g.b for g in ctrl.groups])
+    g = score_units(tok, wq, wk, wv, w, b, tab.alive, tab.table, tab.max_f, tab.max_d,
+                    ctrl.leak, ctrl.normalize == "max")[0]
+    out, row = [], 0
+    for idx in ctrl.group_units:
+        n, f = len(idx), ctrl.units[idx[0]].width
+        out.append(g[row:row + n * f].view(n, f))
+        row += n * f
+    return out
+

@@ -1,0 +1,191 @@
+"""The fused Triton scoring kernels against the float64 reference (CPU: the interpreter)."""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import randomize
+from torch import nn
+
+import paam_fast as pf
+from paam_fast import dispatch
+
+pytestmark = pytest.mark.triton
+triton = pytest.importorskip("triton")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+if DEV == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("set TRITON_INTERPRET=1 (conftest does) to run Triton on the CPU",
+                allow_module_level=True)
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    monkeypatch.setenv("PAAM_FAST_POISON", "1")  # unwritten outputs become NaN
+
+
+def _chain(widths, ks, grouped_dw=False):
+    """conv/BN/ReLU chain with the given widths and kernel sizes (odd F and D on purpose)."""
+    layers, cin = [], 3
+    for w, k in zip(widths, ks):
+        layers += [nn.Conv2d(cin, w, k, padding=k // 2), nn.BatchNorm2d(w), nn.ReLU()]
+        if grouped_dw:
+            layers += [nn.Conv2d(w, w, 3, padding=1, groups=w), nn.BatchNorm2d(w), nn.ReLU()]
+        cin = w
+    layers += [nn.Conv2d(cin, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)]
+    return nn.Sequential(*layers)
+
+
+CASES = [
+    ("odd shapes", lambda: _chain([1, 3, 7, 13], [3, 1, 3, 1]), "internal", 8),
+    ("F=129", lambda: _chain([129, 5], [1, 1]), "internal", 16),
+    ("depthwise", lambda: _chain([6, 5, 9], [1, 1, 1], grouped_dw=True), "internal", 8),
+    ("grouped, several producers", lambda: pf.models.resnet20(), "grouped_cifar", 8),
+    ("equal shapes batched", lambda: _chain([8, 8, 8, 8], [3, 3, 3, 3]), "internal", 32),
+]
+
+
+def _models(make, coupling, dim):
+    torch.manual_seed(0)
+    if coupling == "grouped_cifar":  # a tiny torchvision-style net with tied residual channels
+        class Res(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.stem = nn.Conv2d(3, 6, 3, padding=1)
+                self.bn0 = nn.BatchNorm2d(6)
+                self.c1, self.b1 = nn.Conv2d(6, 5, 3, padding=1), nn.BatchNorm2d(5)
+                self.c2, self.b2 = nn.Conv2d(5, 6, 3, padding=1), nn.BatchNorm2d(6)
+                self.head = nn.Linear(6, 3)
+
+            def forward(self, x):
+                x = F.relu(self.bn0(self.stem(x)))
+                y = self.b2(self.c2(F.relu(self.b1(self.c1(x)))))
+                return self.head(F.adaptive_avg_pool2d(F.relu(x + y), 1).flatten(1))
+
+        net, coupling = Res(), "grouped"
+    else:
+        net = make()
+    pf.paamify(net, coupling=coupling, dim=dim, input_size=(1, 3, 8, 8))
+    randomize(net, seed=3)
+    with torch.no_grad():  # spread the conv weights so tokens are not all alike
+        for m in net.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.normal_()
+    return net
+
+
+def _gates_and_grads(net, dtype, backend, monkeypatch, alive=None):
+    model = net if dtype == torch.float32 and backend == "triton" else net
+    ctrl = model.paam
+    monkeypatch.setenv("PAAM_FAST_BACKEND", backend)
+    gates = ctrl.compute_gates()
+    gen = torch.Generator().manual_seed(7)
+    cot = [torch.randn(g.shape, generator=gen, dtype=torch.float64) for g in gates]
+    loss = sum((g.double() * c.to(g.device)).sum() for g, c in zip(gates, cot))
+    grads = torch.autograd.grad(loss, list(ctrl.groups.parameters()))
+    return [g.detach().double().cpu() for g in gates], [g.double().cpu() for g in grads]
+
+
+@pytest.mark.parametrize("name,make,coupling,dim", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("masked", [False, True])
+def test_forward_and_every_gradient_match_float64(name, make, coupling, dim, masked,
+                                                  monkeypatch):
+    net = _models(make, coupling, dim)
+    if masked:
+        alive = {}
+        for u in net.paam.units:
+            m = torch.rand(u.width, generator=torch.Generator().manual_seed(u.width)) < 0.6
+            m[u.width // 2] = True
+            alive[u.name] = m
+        pf.apply_masks(net, alive)
+    ref = __import__("copy").deepcopy(net).double()
+    g64, d64 = _gates_and_grads(ref, torch.float64, "reference", monkeypatch)
+    net = net.to(DEV)
+    g32, d32 = _gates_and_grads(net, torch.float32, "triton", monkeypatch)
+    for a, b in zip(g32, g64):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-6)
+    big = max(float(b.abs().max()) for b in d64)
+    for (pname, _), a, b in zip(net.paam.groups.named_parameters(), d32, d64):
+        assert torch.isfinite(a).all(), pname
+        # relative to the gradient's size, with an fp32 floor for gradients that are exactly
+        # zero in exact arithmetic (e.g. the bias b: g = s / max s does not depend on it)
+        assert (a - b).abs().max() <= 5e-5 * b.abs().max() + 2e-6 * big, pname
+
+
+def test_bf16_error_within_twice_plain_pytorch(monkeypatch):
+    net = _models(CASES[0][1], "internal", 8)
+    ref = __import__("copy").deepcopy(net).double()
+    g64, _ = _gates_and_grads(ref, torch.float64, "reference", monkeypatch)
+    bf = __import__("copy").deepcopy(net).to(torch.bfloat16)
+    g_ref_bf, _ = _gates_and_grads(bf, torch.bfloat16, "reference", monkeypatch)
+    g_tr_bf, _ = _gates_and_grads(bf.to(DEV), torch.bfloat16, "triton", monkeypatch)
+    for t, r, x in zip(g_tr_bf, g_ref_bf, g64):
+        assert (t - x).abs().max() <= 2 * (r - x).abs().max() + 1e-3
+
+
+def test_twenty_steps_triton_vs_reference(monkeypatch):
+    def run(backend):
+        monkeypatch.setenv("PAAM_FAST_BACKEND", backend)
+        torch.manual_seed(0)
+        net = _chain([6, 5, 7], [3, 1, 3])
+        pf.paamify(net, dim=8, input_size=(1, 3, 8, 8))
+        randomize(net, seed=1)
+        net = net.to(DEV)
+        opt = torch.optim.SGD(pf.param_groups(net), lr=0.01, momentum=0.9)
+        gen = torch.Generator().manual_seed(0)
+        losses = []
+        for _ in range(20):
+            x = torch.randn(8, 3, 8, 8, generator=gen).to(DEV)
+            y = torch.randint(0, 3, (8,), generator=gen).to(DEV)
+            loss = F.cross_entropy(net(x), y) + 0.5 * pf.penalty(net)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        return torch.tensor(losses)
+
+    a, b = run("triton"), run("reference")
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_registered_op_passes_opcheck_and_compiles(monkeypatch):
+    from paam_fast.triton_scoring import UnitTable
+
+    net = _models(CASES[0][1], "internal", 8).to(DEV)
+    ctrl = net.paam
+    tab = UnitTable(ctrl)
+    tok = torch.cat([ctrl.tokens(i).reshape(-1) for i in tab.order]).float()
+    wq = torch.cat([g.wq.detach().reshape(-1) for g in ctrl.groups]).requires_grad_()
+    wk = torch.cat([g.wk.detach().reshape(-1) for g in ctrl.groups]).requires_grad_()
+    wv = torch.cat([g.wv.detach().reshape(-1) for g in ctrl.groups]).requires_grad_()
+    w = torch.cat([g.w.detach() for g in ctrl.groups]).requires_grad_()
+    b = torch.cat([g.b.detach() for g in ctrl.groups]).requires_grad_()
+    args = (tok, wq, wk, wv, w, b, tab.alive, tab.table, tab.max_f, tab.max_d, 0.01, True)
+    torch.library.opcheck(torch.ops.paam_fast.score_units.default, args,
+                          test_utils=("test_schema", "test_faketensor",
+                                      "test_autograd_registration"))
+    monkeypatch.setenv("PAAM_FAST_BACKEND", "triton")
+    x = torch.randn(2, 3, 8, 8, device=DEV)
+    ref = net(x)
+    got = torch.compile(net, fullgraph=True, backend="aot_eager")(x)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_dispatch_choices_and_errors(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("PAAM_FAST_BACKEND", "reference")
+    assert dispatch.scoring_backend(cpu)[0] == "reference"
+    monkeypatch.setenv("PAAM_FAST_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="PAAM_FAST_BACKEND must be one of"):
+        dispatch.scoring_backend(cpu)
+    monkeypatch.setenv("PAAM_FAST_BACKEND", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(RuntimeError, match="PAAM_FAST_BACKEND=triton, but Triton kernels run "
+                                           "on CUDA tensors"):
+        dispatch.scoring_backend(cpu)
+    with pytest.raises(RuntimeError, match="fp32/bf16/fp16"):
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        dispatch.scoring_backend(cpu, torch.float64)
+    monkeypatch.delenv("PAAM_FAST_BACKEND")
+    assert dispatch.scoring_backend(cpu)[0] == "reference"
