@@ -10,7 +10,7 @@ import os
 
 from setuptools import setup
 
-packages = ["paam_fast", "paam_fast.models", "paam_fast.kernels"]
+packages = ["paam_fast", "paam_fast.models", "paam_fast.bench", "paam_fast.kernels"]
 package_dir = {"paam_fast": "paam_fast", "paam_fast.kernels": "kernels"}
 
 ext_modules, cmdclass = [], {}

@@ -23,13 +23,13 @@ timeout 150 python -m pytest -q -x tests/test_gpu.py tests/test_masked_ext.py te
 
 if [ "$DRY" = 1 ]; then ARGS56="--batch 8"; ARGS50="--batch 2 --size 64"; else ARGS56="--batch 128"; ARGS50="--batch 256 --size 224"; fi
 log "scoring ops, resnet50"
-timeout 120 python benchmarks/bench_scoring.py --arch resnet50 --size 224 2>&1 | grep -v USDT | tee -a "$OUT/log.txt"
+timeout 120 python -m paam_fast.bench.scoring --arch resnet50 --size 224 2>&1 | grep -v USDT | tee -a "$OUT/log.txt"
 log "train step resnet56"
-timeout 120 python benchmarks/bench_train_step.py --arch resnet56 --size 32 $ARGS56 2>&1 | grep -v USDT | tee -a "$OUT/log.txt"
+timeout 120 python -m paam_fast.bench.train_step --arch resnet56 --size 32 $ARGS56 2>&1 | grep -v USDT | tee -a "$OUT/log.txt"
 log "train step resnet50"
-timeout 150 python benchmarks/bench_train_step.py --arch resnet50 $ARGS50 2>&1 | grep -v USDT | tee -a "$OUT/log.txt"
+timeout 150 python -m paam_fast.bench.train_step --arch resnet50 $ARGS50 2>&1 | grep -v USDT | tee -a "$OUT/log.txt"
 log "masked compute resnet50"
-timeout 150 python benchmarks/bench_masked.py --arch resnet50 $ARGS50 2>&1 | grep -v USDT | tee -a "$OUT/log.txt"
+timeout 150 python -m paam_fast.bench.masked --arch resnet50 $ARGS50 2>&1 | grep -v USDT | tee -a "$OUT/log.txt"
 
 # CIFAR-10, ResNet56, the four methods at once on the GPU, in the time that is left.
 left=$(( 450 - ($(date +%s) - start) ))
@@ -39,7 +39,7 @@ if [ -f .data/cifar10-jpeg.tar.gz ] && [ "$left" -gt 90 ]; then
   python -c "from paam_fast.data import load_cifar10; load_cifar10('.data/cifar10-jpeg.tar.gz')"
   for m in dense paam slim uniform; do
     timeout $(( left - 30 )) python -m paam_fast.train --dataset cifar10 --data .data/cifar10-jpeg.tar.gz \
-      --method "$m" --epochs "$EPOCHS" --keep 0.5 --quiet --out "$OUT/cifar_$m" $EXTRA \
+      --method "$m" --epochs "$EPOCHS" --keep 0.5 --round-to 1 --quiet --out "$OUT/cifar_$m" $EXTRA \
       > "$OUT/cifar_$m.log" 2>&1 &
   done
   wait

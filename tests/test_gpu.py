@@ -50,11 +50,7 @@ def test_compile_fullgraph_of_a_paamified_model():
 
 
 def test_whole_step_cuda_graph_capture():
-    import os
-    import sys
-
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-    from bench_train_step import graphed, make_step
+    from paam_fast.bench.train_step import graphed, make_step
 
     model, step = make_step("resnet20", 32, 32, True, "cuda")
     before = [p.detach().clone() for p in model.parameters()]

@@ -2,23 +2,20 @@
 each unit with its own parameters) vs the batched reference (units of equal (F, D) share one
 batched chain).  Counts ATen ops and times both.
 
-    python benchmarks/bench_scoring.py --arch resnet50 [--size 224]
-    pytest benchmarks/bench_scoring.py        # the same, as pytest-benchmark cases
+    python -m paam_fast.bench.scoring --arch resnet50 [--size 224]
+    pytest benchmarks/                         # the pytest-benchmark cases
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-from harness import count_ops, timeit, write_json  # noqa: E402
+import paam_fast as pf
+from paam_fast.scoring import score_unit
 
-import paam_fast as pf  # noqa: E402
-from paam_fast.scoring import score_unit  # noqa: E402
+from .harness import backend, count_ops, timeit, write_json
 
 
 def setup(arch: str, size: int, device: str = "cpu"):
@@ -54,17 +51,10 @@ def setup(arch: str, size: int, device: str = "cpu"):
     return model, batched, chains
 
 
-def _with_backend(backend, fn):
+def _with_backend(name, fn):
     def call():
-        old = os.environ.get("PAAM_FAST_BACKEND")
-        os.environ["PAAM_FAST_BACKEND"] = backend
-        try:
+        with backend(name):
             return fn()
-        finally:
-            if old is None:
-                os.environ.pop("PAAM_FAST_BACKEND")
-            else:
-                os.environ["PAAM_FAST_BACKEND"] = old
     return call
 
 
@@ -80,30 +70,18 @@ def run(arch: str, size: int, reps: int) -> dict:
     for name, fn in variants:
         res[name] = {**count_ops(fn), "eager": timeit(fn, reps=reps)}
         if dev == "cuda":  # the whole forward+backward replayed as one CUDA graph
-            from bench_train_step import graphed
+            from .train_step import graphed
 
             res[name]["graphed"] = timeit(graphed(fn), reps=reps, cudagraph=False)
     return res
 
 
-def test_scoring_batched(benchmark):
-    _, batched, _ = setup("resnet50", 64)
-    benchmark.pedantic(batched, rounds=5, warmup_rounds=1)
-    benchmark.extra_info.update(count_ops(batched))
-
-
-def test_scoring_per_unit_chains(benchmark):
-    _, _, chains = setup("resnet50", 64)
-    benchmark.pedantic(chains, rounds=5, warmup_rounds=1)
-    benchmark.extra_info.update(count_ops(chains))
-
-
-if __name__ == "__main__":
+def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="resnet50")
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--reps", type=int, default=10)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     r = run(args.arch, args.size, args.reps)
     print(f"{args.arch}: {r['units']} gated units in {r['shape_groups']} (F, D) groups")
     for k in ("per_unit_chains", "batched_reference", "triton"):
@@ -116,3 +94,8 @@ if __name__ == "__main__":
             line += f"  graphed {v['graphed']['median_ms']:8.3f} ms"
         print(line)
     print("wrote", write_json(f"scoring_{args.arch}", r))
+    return r
+
+
+if __name__ == "__main__":
+    main()

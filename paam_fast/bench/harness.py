@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -81,6 +82,23 @@ def count_ops(fn: Callable[[], object]) -> dict:
     cuda = torch.autograd.DeviceType.CUDA
     launches = [e for e in events if getattr(e, "device_type", None) == cuda]
     return {"aten_ops": len(aten), "gpu_kernels": len(launches)}
+
+
+@contextlib.contextmanager
+def backend(name: str | None):
+    """Run the block with PAAM_FAST_BACKEND=name (None: unset), restoring it after."""
+    old = os.environ.get("PAAM_FAST_BACKEND")
+    if name is None:
+        os.environ.pop("PAAM_FAST_BACKEND", None)
+    else:
+        os.environ["PAAM_FAST_BACKEND"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("PAAM_FAST_BACKEND", None)
+        else:
+            os.environ["PAAM_FAST_BACKEND"] = old
 
 
 def write_json(name: str, payload: dict, out_dir: str | None = None) -> str:

@@ -1,8 +1,8 @@
 """Masked training compute: dense masks vs the mask-aware compacted ops vs the physically
 compacted model, at 100/75/50/25% of gated channels alive; plus one compaction event's cost.
 
-    python benchmarks/bench_masked.py --arch resnet50 --batch 256 --size 224     # GPU
-    python benchmarks/bench_masked.py --arch resnet50 --batch 8 --size 64        # CPU, small
+    python -m paam_fast.bench.masked --arch resnet50 --batch 256 --size 224     # GPU
+    python -m paam_fast.bench.masked --arch resnet50 --batch 8 --size 64        # CPU, small
 
 GPU: bf16 autocast, channels_last; eager and CUDA-graphed.  Writes one JSON.
 """
@@ -10,19 +10,16 @@ GPU: bf16 autocast, channels_last; eager and CUDA-graphed.  Writes one JSON.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(__file__))
-from bench_train_step import graphed  # noqa: E402
-from harness import timeit, write_json  # noqa: E402
+import paam_fast as pf
+from paam_fast import dispatch
 
-import paam_fast as pf  # noqa: E402
-from paam_fast import dispatch  # noqa: E402
+from .harness import timeit, write_json
+from .train_step import graphed
 
 
 def build(arch, size, frac, dev):
@@ -60,13 +57,13 @@ def step_fn(model, batch, size, dev):
     return step, opt
 
 
-def main():
+def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="resnet50")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.75, 0.5, 0.25])
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     modes = ["eager", "graphed"] if dev == "cuda" else ["eager"]
     res = {"arch": a.arch, "batch": a.batch, "size": a.size, "device_kind": dev,
@@ -103,6 +100,7 @@ def main():
         res["rows"].append(row)
         print(row, flush=True)
     print("wrote", write_json(f"masked_{a.arch}_b{a.batch}", res))
+    return res
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Whole training step: dense vs PAAM (reference scoring), eager / CUDA-graphed / torch.compile.
 
-    python benchmarks/bench_train_step.py --arch resnet56 --batch 128 --size 32
-    python benchmarks/bench_train_step.py --arch resnet50 --batch 256 --size 224
+    python -m paam_fast.bench.train_step --arch resnet56 --batch 128 --size 32
+    python -m paam_fast.bench.train_step --arch resnet50 --batch 256 --size 224
 
 On the GPU: bf16 autocast, channels_last, synthetic data (never zeros); the graphed mode
 captures forward + backward + optimizer step in one CUDA graph.  On the CPU (labelled as such):
@@ -12,16 +12,13 @@ projected CIFAR epoch time (390 steps at batch 128) and writes one JSON.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(__file__))
-from harness import count_ops, timeit, write_json  # noqa: E402
+import paam_fast as pf
 
-import paam_fast as pf  # noqa: E402
+from .harness import backend, count_ops, timeit, write_json
 
 
 def make_step(arch: str, batch: int, size: int, paam: bool, dev: str):
@@ -67,44 +64,61 @@ def graphed(step):
     return g.replay
 
 
-def run(arch, batch, size, modes) -> dict:
+KINDS = {"dense": (False, None), "paam_reference": (True, "reference"),
+         "paam_triton": (True, "triton")}
+
+
+def run(arch, batch, size, modes, reps=None) -> dict:
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    res = {"arch": arch, "batch": batch, "size": size, "device_kind": dev,
+    kinds = [k for k in KINDS if dev == "cuda" or k != "paam_triton"]
+    res = {"arch": arch, "batch": batch, "size": size, "device_kind": dev, "kinds": kinds,
            "dtype": "bf16 autocast, channels_last" if dev == "cuda" else "fp32"}
     for mode in modes:
-        for kind in ("dense", "paam"):
-            model, step = make_step(arch, batch, size, kind == "paam", dev)
-            if mode == "graphed":
-                fn = graphed(step)
-            elif mode == "compile":
-                fn = torch.compile(step)
-                for _ in range(3):
-                    fn()
-            else:
-                fn = step
-            r = timeit(fn, reps=10 if dev == "cpu" else 50)
-            if mode == "eager":
-                r.update(count_ops(step))
+        for kind in kinds:
+            paam, be = KINDS[kind]
+            with backend(be):
+                model, step = make_step(arch, batch, size, paam, dev)
+                if mode == "graphed":
+                    fn = graphed(step)
+                elif mode == "compile":
+                    fn = torch.compile(step)
+                    for _ in range(3):
+                        fn()
+                else:
+                    fn = step
+                r = timeit(fn, reps=reps or (10 if dev == "cpu" else 50))
+                if mode == "eager":
+                    r.update(count_ops(step))
             res[f"{kind}_{mode}"] = r
-        res[f"ratio_{mode}"] = res[f"paam_{mode}"]["median_ms"] / res[f"dense_{mode}"]["median_ms"]
+        for kind in kinds[1:]:
+            res[f"ratio_{kind}_{mode}"] = (res[f"{kind}_{mode}"]["median_ms"]
+                                           / res[f"dense_{mode}"]["median_ms"])
     return res
 
 
-if __name__ == "__main__":
+def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="resnet56")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--modes", nargs="+", default=None,
                     help="eager graphed compile (default: all on GPU, eager on CPU)")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     modes = a.modes or (["eager", "graphed", "compile"] if torch.cuda.is_available()
                         else ["eager"])
     r = run(a.arch, a.batch, a.size, modes)
     for m in modes:
-        d, p = r[f"dense_{m}"]["median_ms"], r[f"paam_{m}"]["median_ms"]
-        line = f"{a.arch} b{a.batch} {m:8s} dense {d:8.2f} ms  paam {p:8.2f} ms  ratio {p / d:.3f}"
-        if a.arch.startswith("resnet") and a.size == 32:
-            line += f"  epoch(390 steps) dense {d * 0.39:.2f} s paam {p * 0.39:.2f} s"
+        d = r[f"dense_{m}"]["median_ms"]
+        line = f"{a.arch} b{a.batch} {m:8s} dense {d:8.2f} ms"
+        for k in r["kinds"][1:]:
+            p = r[f"{k}_{m}"]["median_ms"]
+            line += f" | {k} {p:8.2f} ms ({p / d:.3f}x)"
+        if a.size == 32:
+            line += f" | CIFAR epoch (390 steps of 128): dense {d * 390 / 1000:.2f} s"
         print(line)
     print("wrote", write_json(f"train_step_{a.arch}_b{a.batch}", r))
+    return r
+
+
+if __name__ == "__main__":
+    main()
