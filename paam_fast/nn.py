@@ -51,6 +51,9 @@ class _Gated:
     # Compact execution of masked mode: alive output / input channel indices (None: all).
     _paam_out_idx: torch.Tensor | None = None
     _paam_in_idx: torch.Tensor | None = None
+    # The namespace of masked_* ops to call (C++ or reference), chosen when the masks change, so
+    # the forward does no backend lookup (and torch.compile traces straight through it).
+    _paam_ops = None
 
     def current_gate(self) -> torch.Tensor | None:
         frozen = self._buffers.get("paam_gate")
@@ -79,9 +82,7 @@ class GatedBatchNorm2d(_Gated, nn.BatchNorm2d):
         weight, bias = self.weight, self.bias
         g = self.current_gate()
         if self._paam_out_idx is not None:  # compact activations: alive channels only
-            from .dispatch import masked
-
-            return masked().masked_batch_norm(
+            return self._paam_ops.masked_batch_norm(
                 input, weight, bias, self.running_mean if use_stats else None,
                 self.running_var if use_stats else None, g, self._paam_out_idx, bn_training,
                 factor, self.eps, False)
@@ -119,12 +120,9 @@ class GatedConv2d(_Gated, nn.Conv2d):
             if self.padding_mode != "zeros" or isinstance(self.padding, str):
                 raise NotImplementedError("masked compact execution supports zero padding given "
                                           "as integers only")
-            from .dispatch import masked
-
-            return masked().masked_conv2d(input, self.weight, self.bias, g, self._paam_out_idx,
-                                          self._paam_in_idx, list(self.stride),
-                                          list(self.padding), list(self.dilation), self.groups,
-                                          False)
+            return self._paam_ops.masked_conv2d(
+                input, self.weight, self.bias, g, self._paam_out_idx, self._paam_in_idx,
+                list(self.stride), list(self.padding), list(self.dilation), self.groups, False)
         if g is None:
             return super().forward(input)
         g = g.to(self.weight.dtype)
@@ -139,9 +137,8 @@ class GatedLinear(_Gated, nn.Linear):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if self._paam_in_idx is None:
             return super().forward(input)
-        from .dispatch import masked
-
-        return masked().masked_linear(input, self.weight, self.bias, self._paam_in_idx, False)
+        return self._paam_ops.masked_linear(input, self.weight, self.bias, self._paam_in_idx,
+                                            False)
 
 
 class GatedConvBN2d(nn.Module):

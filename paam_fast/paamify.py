@@ -185,10 +185,12 @@ class PaamController(nn.Module):
         self._cost_cache.clear()
         self.__dict__.pop("_triton_table", None)  # alive counts changed: rebuilt on next use
         compact_exec = self.masked_compute == "compact" and not self.compacted
+        ops = dispatch.masked() if compact_exec and not all(self._all_alive) else None
         for u in self.units:  # clear, then set below: a module can sit in two units
             for name in u.producers + u.channelwise + [c[0] for c in u.consumers]:
                 m = self._mods[name]
                 m._paam_out_idx = m._paam_in_idx = m._paam_alive = None
+                m._paam_ops = ops
         for i, u in enumerate(self.units):
             if self._all_alive[i] or self.compacted:
                 continue
@@ -244,6 +246,11 @@ def is_paamified(model: nn.Module) -> bool:
 
 
 def controller(model: nn.Module) -> PaamController:
+    """``model.paam``; a DDP / compiled wrapper is looked through to the model it holds."""
+    for attr in ("module", "_orig_mod"):
+        inner = getattr(model, attr, None)
+        if not is_paamified(model) and isinstance(inner, nn.Module):
+            model = inner
     ctrl = getattr(model, "paam", None)
     if not isinstance(ctrl, PaamController):
         raise ValueError("this model is not paamified: call paam_fast.paamify(model) first")
