@@ -54,6 +54,9 @@ class _Gated:
     # The namespace of masked_* ops to call (C++ or reference), chosen when the masks change, so
     # the forward does no backend lookup (and torch.compile traces straight through it).
     _paam_ops = None
+    # (γ', β') of this BN site for the current forward, folded for all sites at once by the
+    # controller (a handful of launches for the whole model instead of two per site).
+    _paam_fold: GateBox | None = None
 
     def current_gate(self) -> torch.Tensor | None:
         frozen = self._buffers.get("paam_gate")
@@ -81,6 +84,9 @@ class GatedBatchNorm2d(_Gated, nn.BatchNorm2d):
         use_stats = not self.training or self.track_running_stats
         weight, bias = self.weight, self.bias
         g = self.current_gate()
+        fold = None if self._paam_fold is None else self._paam_fold.value
+        if fold is not None and "paam_gate" not in self._buffers:
+            weight, bias, g = fold[0], fold[1], None  # already g·γ and g·β
         if self._paam_out_idx is not None:  # compact activations: alive channels only
             return self._paam_ops.masked_batch_norm(
                 input, weight, bias, self.running_mean if use_stats else None,

@@ -80,11 +80,48 @@ class PaamController(nn.Module):
             by_shape[(u.width, self._token_dim(u))].append(i)
         self.groups = nn.ModuleList()
         self.group_units: list[list[int]] = []
+        self._fold_sites: list[str] = []
         if scorer == "bn":  # Network Slimming: no scoring network, gates stay 1 until frozen
             by_shape = {}
         for (f, d_tok), idx in by_shape.items():
             self.groups.append(_ShapeGroup(len(idx), f, d_tok, dim, p.dtype, p.device))
             self.group_units.append(idx)
+        if self.groups:
+            self._plan_folding()
+
+    def _plan_folding(self) -> None:
+        """Every affine BN gate site gets γ' = g·γ, β' = g·β from one flat computation per
+        forward: the sites' γ and β concatenated, times the gates gathered by ``_fold_rows``
+        (positions in the gates of all groups, flattened group by group)."""
+        base, pos = 0, {}
+        for idx in self.group_units:
+            f = self.units[idx[0]].width
+            for row, i in enumerate(idx):
+                pos[i] = base + row * f
+            base += len(idx) * f
+        rows = []
+        for i, u in enumerate(self.units):
+            for name in u.sites:
+                m = self._mods[name]
+                if isinstance(m, GatedBatchNorm2d) and m.weight is not None and m.bias is not None:
+                    self._fold_sites.append(name)
+                    rows.append(torch.arange(u.width) + pos[i])
+                    m._paam_fold = GateBox()
+        dev = self.mask(0).device
+        self.register_buffer("_fold_rows", torch.cat(rows).to(dev) if rows else
+                             torch.zeros(0, dtype=torch.long, device=dev), persistent=False)
+
+    def _fold(self, gates: list[torch.Tensor]) -> None:
+        if not self._fold_sites:
+            return
+        sites = [self._mods[n] for n in self._fold_sites]
+        gamma = torch.cat([m.weight for m in sites])
+        beta = torch.cat([m.bias for m in sites])
+        g = torch.cat([x.reshape(-1) for x in gates]).index_select(0, self._fold_rows)
+        g = g.to(gamma.dtype)
+        sizes = [m.weight.shape[0] for m in sites]
+        for m, w, b in zip(sites, (gamma * g).split(sizes), (beta * g).split(sizes)):
+            m._paam_fold.value = (w, b)
 
     # ------------------------------------------------------------------ helpers
     def _token_dim(self, u: Space) -> int:
@@ -140,6 +177,7 @@ class PaamController(nn.Module):
         for g, idx in zip(gates, self.group_units):
             for row, i in enumerate(idx):
                 self._boxes[i].value = g[row]
+        self._fold(gates)
 
     def unit_gates(self, detach: bool = True) -> list[torch.Tensor]:
         """Per unit (F,) gates of the last forward (frozen gates once frozen)."""
@@ -206,12 +244,16 @@ class PaamController(nn.Module):
                 self._mods[name]._paam_in_idx = idx if block == 1 else (
                     idx[:, None] * block + torch.arange(block, device=idx.device)).flatten()
 
-    def penalty_weights(self, cost: str) -> tuple[list[float], float]:
-        """(c_l per unit, Σ_l c_l·alive_l), cached until the masks change."""
+    def penalty_weights(self, cost: str) -> tuple[list[float], float, torch.Tensor]:
+        """(c_l per unit, Σ_l c_l·alive_l, c per gate row in group-major order (fp32, on the
+        device)), cached until the masks change."""
         if cost not in self._cost_cache:
             c = self.filter_costs(cost)
             den = sum(ci * int(m.sum()) for ci, m in zip(c, self.masks()))
-            self._cost_cache[cost] = (c, float(den))
+            rows = [torch.full((self.units[i].width,), c[i]) for idx in self.group_units
+                    for i in idx]
+            vec = (torch.cat(rows) if rows else torch.zeros(0)).to(self.mask(0).device)
+            self._cost_cache[cost] = (c, float(den), vec)
         return self._cost_cache[cost]
 
     def filter_costs(self, cost: str) -> list[float]:
@@ -359,10 +401,12 @@ def penalty(model: nn.Module, cost: str = "uniform") -> torch.Tensor:
         return torch.zeros((), dtype=torch.float32, device=p.device)
     if ctrl.scorer == "bn":  # Network Slimming: L1 on the units' BN γ
         return sum(ctrl.bn_scores(i, grad=True).sum() for i in range(len(ctrl.units)))
-    gates = ctrl.unit_gates(detach=False)
-    c, den = ctrl.penalty_weights(cost)
-    num = sum(ci * g.float().sum() for ci, g in zip(c, gates))
-    return num / max(den, 1e-30)
+    if ctrl._last.value is None:
+        raise RuntimeError("no scores yet: run a forward pass of the model first")
+    _, den, vec = ctrl.penalty_weights(cost)
+    # one flat dot product for all units (dead filters have g = 0)
+    g = torch.cat([x.reshape(-1) for x in ctrl._last.value]).float()
+    return (g * vec).sum() / max(den, 1e-30)
 
 
 def select(model: nn.Module, keep: float | None = None, mass: float | None = None,
@@ -423,7 +467,7 @@ def freeze(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> 
         for name in ctrl.units[i].sites:
             site = ctrl._mods[name]
             site.register_buffer("paam_gate", gi.to(site.weight.dtype).clone())
-            site._paam_box = None
+            site._paam_box = site._paam_fold = None
     if optimizer is not None:
         _drop_from_optimizer(optimizer, list(ctrl.groups.parameters()))
     ctrl.groups = nn.ModuleList()
