@@ -87,6 +87,13 @@ def summary(path: str) -> str:
         p = sum(r["params"] for r in rs) / len(rs)
         f = sum(r["flops"] for r in rs) / len(rs)
         lines.append(f"| {name} | {len(rs)} | {m:.2%} ± {sd:.2%} | {p:,.0f} | {f:,.0f} |")
+    lines += ["", "Every run (widths: kept filters of the gated units, in graph order):", "",
+              "| setting | seed | val top-1 | params | MACs | widths of gated units | wall |",
+              "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        gated = [w for n, w in r["widths"].items() if n.endswith("conv1") and "layer" in n]
+        lines.append(f"| {r['setting']} | {r['seed']} | {r['val_top1']:.2%} | {r['params']:,} | "
+                     f"{r['flops']:,} | {' '.join(map(str, gated))} | {r['wall_s'] / 60:.1f} min |")
     return "\n".join(lines)
 
 

@@ -31,6 +31,14 @@ def _leaky_exp(e, leak):
 
 
 @triton.jit
+def _unit(table_ptr, u):
+    """Row u of the unit table: F, D, first row, token offset, weight offset, alive count."""
+    base = table_ptr + u * 6
+    return (tl.load(base + 0), tl.load(base + 1), tl.load(base + 2), tl.load(base + 3),
+            tl.load(base + 4), tl.load(base + 5))
+
+
+@triton.jit
 def proj_fwd_kernel(tok_ptr, wq_ptr, wk_ptr, wv_ptr, alive_ptr, table_ptr, qkv_ptr, ss_ptr,
                     DH: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr,
                     BLOCK_DH: tl.constexpr, IEEE: tl.constexpr):
@@ -38,11 +46,7 @@ def proj_fwd_kernel(tok_ptr, wq_ptr, wk_ptr, wv_ptr, alive_ptr, table_ptr, qkv_p
     contribution to Σ x² over alive rows (atomic add into ss[u])."""
     u = tl.program_id(0)
     fb = tl.program_id(1)
-    f = tl.load(table_ptr + u * 6 + 0)
-    d = tl.load(table_ptr + u * 6 + 1)
-    row0 = tl.load(table_ptr + u * 6 + 2)
-    toff = tl.load(table_ptr + u * 6 + 3)
-    woff = tl.load(table_ptr + u * 6 + 4)
+    f, d, row0, toff, woff, n_alive = _unit(table_ptr, u)
     if fb * BLOCK_F < f:
         rows = fb * BLOCK_F + tl.arange(0, BLOCK_F)
         rmask = rows < f
@@ -87,10 +91,7 @@ def attn_fwd_kernel(qkv_ptr, ss_ptr, table_ptr, alive_ptr, w_ptr, b_ptr, h_ptr, 
                     BLOCK_F: tl.constexpr, BLOCK_DH: tl.constexpr, IEEE: tl.constexpr):
     """Grid (U,): attention over the unit's alive filters, head, leaky-exp, max, gate."""
     u = tl.program_id(0)
-    f = tl.load(table_ptr + u * 6 + 0)
-    d = tl.load(table_ptr + u * 6 + 1)
-    row0 = tl.load(table_ptr + u * 6 + 2)
-    n_alive = tl.load(table_ptr + u * 6 + 5)
+    f, d, row0, toff, woff, n_alive = _unit(table_ptr, u)
     r = 1.0 / tl.sqrt(tl.load(ss_ptr + u) / (n_alive * d).to(tl.float32) + eps)
     cols = tl.arange(0, BLOCK_DH)
     cmask = cols < DH
@@ -157,10 +158,7 @@ def attn_bwd_kernel(qkv_ptr, ss_ptr, table_ptr, alive_ptr, w_ptr, b_ptr, h_ptr, 
     """Grid (U,): from dg to the raw projections' gradients dqkv (= r·dQ, r·dK, r·dV; dqkv
     must be zero on entry: dK and dV accumulate over query blocks), dw and db."""
     u = tl.program_id(0)
-    f = tl.load(table_ptr + u * 6 + 0)
-    d = tl.load(table_ptr + u * 6 + 1)
-    row0 = tl.load(table_ptr + u * 6 + 2)
-    n_alive = tl.load(table_ptr + u * 6 + 5)
+    f, d, row0, toff, woff, n_alive = _unit(table_ptr, u)
     r = 1.0 / tl.sqrt(tl.load(ss_ptr + u) / (n_alive * d).to(tl.float32) + eps)
     cols = tl.arange(0, BLOCK_DH)
     cmask = cols < DH
@@ -249,11 +247,7 @@ def proj_bwd_kernel(tok_ptr, dqkv_ptr, table_ptr, dwq_ptr, dwk_ptr, dwv_ptr,
     """Grid (U, ceil(max D / BLOCK_K)): dWq = Xᵀ·dQraw (and K, V) for BLOCK_K token columns."""
     u = tl.program_id(0)
     kb = tl.program_id(1)
-    f = tl.load(table_ptr + u * 6 + 0)
-    d = tl.load(table_ptr + u * 6 + 1)
-    row0 = tl.load(table_ptr + u * 6 + 2)
-    toff = tl.load(table_ptr + u * 6 + 3)
-    woff = tl.load(table_ptr + u * 6 + 4)
+    f, d, row0, toff, woff, n_alive = _unit(table_ptr, u)
     if kb * BLOCK_K < d:
         ks = kb * BLOCK_K + tl.arange(0, BLOCK_K)
         kmask = ks < d

@@ -13,13 +13,12 @@ import argparse
 import time
 
 import torch
-import torch.nn.functional as F
 
 import paam_fast as pf
 from paam_fast import dispatch
 
 from .harness import timeit, write_json
-from .train_step import graphed
+from .train_step import graphed, training_step
 
 
 def build(arch, size, frac, dev):
@@ -38,23 +37,8 @@ def build(arch, size, frac, dev):
 
 
 def step_fn(model, batch, size, dev):
-    cuda = dev == "cuda"
-    if cuda:
-        model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    x = torch.randn(batch, 3, size, size, device=dev)
-    if cuda:
-        x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (batch,), device=dev)
-
-    def step():
-        with torch.autocast(dev, torch.bfloat16, enabled=cuda):
-            loss = F.cross_entropy(model(x).float(), y)
-        opt.zero_grad(set_to_none=False)
-        loss.backward()
-        opt.step()
-
-    return step, opt
+    return training_step(model, opt, batch, size, dev), opt
 
 
 def main(argv=None) -> dict:

@@ -21,17 +21,12 @@ import paam_fast as pf
 from .harness import backend, count_ops, timeit, write_json
 
 
-def make_step(arch: str, batch: int, size: int, paam: bool, dev: str):
-    torch.manual_seed(0)
-    model = pf.models.get_model(arch)
-    if paam:
-        pf.paamify(model, input_size=(1, 3, size, size))
-    model = model.to(dev)
+def training_step(model, opt, batch: int, size: int, dev: str, lam: float = 0.0):
+    """One SGD step of ``model`` on a fixed synthetic batch (never zeros); on the GPU in bf16
+    autocast with channels_last.  ``lam`` > 0 adds PAAM's penalty."""
     cuda = dev == "cuda"
     if cuda:
-        model = model.to(memory_format=torch.channels_last)
-    groups = pf.param_groups(model) if paam else [{"params": list(model.parameters())}]
-    opt = torch.optim.SGD(groups, lr=0.01, momentum=0.9, weight_decay=1e-4)
+        model.to(memory_format=torch.channels_last)
     x = torch.randn(batch, 3, size, size, device=dev)
     if cuda:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -40,14 +35,26 @@ def make_step(arch: str, batch: int, size: int, paam: bool, dev: str):
     def step():
         with torch.autocast(dev, torch.bfloat16, enabled=cuda):
             loss = F.cross_entropy(model(x).float(), y)
-        if paam:
-            loss = loss + 0.1 * pf.penalty(model)
+        if lam:
+            loss = loss + lam * pf.penalty(model)
         opt.zero_grad(set_to_none=False)
         loss.backward()
         opt.step()
         return loss
 
-    return model, step
+    return step
+
+
+def make_step(arch: str, batch: int, size: int, paam: bool, dev: str):
+    """A fresh model (PAAM or dense) and its training step."""
+    torch.manual_seed(0)
+    model = pf.models.get_model(arch)
+    if paam:
+        pf.paamify(model, input_size=(1, 3, size, size))
+    model = model.to(dev)
+    groups = pf.param_groups(model) if paam else [{"params": list(model.parameters())}]
+    opt = torch.optim.SGD(groups, lr=0.01, momentum=0.9, weight_decay=1e-4)
+    return model, training_step(model, opt, batch, size, dev, lam=0.1 if paam else 0.0)
 
 
 def graphed(step):
