@@ -29,12 +29,14 @@ GRIDS = {
         ("paam lam=0.05", ["--lam", "0.05"]),
         ("paam lam=0.5", ["--lam", "0.5"]),
         ("paam lam=2", ["--lam", "2"]),
-        ("paam lam=0.5 min_keep=0.25", ["--lam", "0.5", "--min-keep", "0.25"]),
-        ("paam lam=0.5 cost=params", ["--lam", "0.5", "--cost", "params"]),
-        ("paam lam=0.5 normalize=none", ["--lam", "0.5", "--normalize", "none"]),
-        ("paam lam=0.5 masked", ["--lam", "0.5", "--after-select", "masked"]),
-        ("paam lam=0.5 select@60%", ["--lam", "0.5", "--select-epoch", "9"]),
-        ("paam lam=0.5 dim=8", ["--lam", "0.5", "--dim", "8"]),
+        # after λ = 0.5 and 2 came out far below λ = 0.05, the variants run at small λ:
+        ("paam lam=0.01", ["--lam", "0.01"]),
+        ("paam lam=0 (scores, no penalty)", ["--lam", "0"]),
+        ("paam lam=0.05 normalize=none", ["--lam", "0.05", "--normalize", "none"]),
+        ("paam lam=0.05 min_keep=0.25", ["--lam", "0.05", "--min-keep", "0.25"]),
+        ("paam lam=0.05 masked", ["--lam", "0.05", "--after-select", "masked"]),
+        ("paam lam=0.05 select@60%", ["--lam", "0.05", "--select-epoch", "9"]),
+        ("paam lam=0.05 cost=params", ["--lam", "0.05", "--cost", "params"]),
     ],
 }
 
@@ -48,7 +50,7 @@ def run_grid(args) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
     for seed in args.seeds:
         for name, extra in GRIDS[args.grid]:
-            if (name, seed) in done:
+            if (name, seed) in done or (args.only and name not in args.only):
                 continue
             out = os.path.join(args.runs, f"{name.replace(' ', '_').replace('=', '')}-s{seed}")
             cmd = [sys.executable, "-m", "paam_fast.train", "--dataset", "cifar10", "--data",
@@ -104,6 +106,7 @@ if __name__ == "__main__":
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--results", default="results/cifar_search.jsonl")
     ap.add_argument("--runs", default="runs/search")
+    ap.add_argument("--only", nargs="+", default=None, help="run only these settings")
     ap.add_argument("--summary", action="store_true")
     a = ap.parse_args()
     if a.summary:
