@@ -119,9 +119,10 @@ class Pruner:
         self.final_keep: float | None = keep
 
     # --------------------------------------------------------------- per step
-    def penalty(self) -> torch.Tensor:
-        """λ · penalty (fp32 scalar); zero once the gates are frozen."""
-        return self.lam * penalty(self.model, self.cost)
+    def penalty(self, lam: torch.Tensor | None = None) -> torch.Tensor:
+        """λ · penalty (fp32 scalar); zero once the gates are frozen.  ``lam``: a device tensor
+        holding λ, used instead of the Python float (a captured CUDA graph reads it there)."""
+        return (self.lam if lam is None else lam) * penalty(self.model, self.cost)
 
     @property
     def active(self) -> bool:

@@ -28,7 +28,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import data as D
@@ -39,6 +38,7 @@ from .paamify import apply_masks, compact, controller, paamify, param_groups
 from .pruner import DEFAULT_LAMBDA, Pruner
 from .report import report
 from .selection import uniform_alive
+from .step import TrainStep
 
 __all__ = ["Recipe", "RECIPES", "build_parser", "main", "run"]
 
@@ -149,8 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
       "(digits and cifar10)")
     a("--amp", default="none", choices=["none", "bf16"], help="bf16 autocast")
     a("--channels-last", action="store_true", help="channels_last memory format")
-    a("--cuda-graphs", action="store_true", help="replay forward+backward as CUDA graphs "
-      "(torch.compile mode='reduce-overhead'; needs a GPU)")
+    a("--cuda-graphs", action="store_true", help="capture the whole training step (forward, "
+      "backward, SGD update) as one CUDA graph and replay it; re-captured after every "
+      "selection event and compaction (needs a GPU; SGD)")
     a("--compile", action="store_true", help="torch.compile the model (re-compiled after a "
       "compaction)")
     a("--workers", type=int, default=8, help="DataLoader workers (imagenet / imagefolder)")
@@ -404,10 +405,14 @@ class Run:
             ids = [self.dev.index] if self.dev.type == "cuda" else None
             self.step_model = DDP(self.model, device_ids=ids,
                                   find_unused_parameters=False)
-        if self.args.cuda_graphs:
-            self.step_model = torch.compile(self.step_model, mode="reduce-overhead")
-        elif self.args.compile:
+        if self.args.compile:
             self.step_model = torch.compile(self.step_model)
+        # --cuda-graphs: the whole step (forward, backward, SGD update) replays as one graph,
+        # captured anew after each rebuild; DDP needs 11 eager steps before its capture
+        self.step = TrainStep(self.step_model, self.optimizer, pruner=self.pruner,
+                              amp=self.args.amp == "bf16",
+                              mode="graph" if self.args.cuda_graphs else "eager",
+                              warmup=11 if self.d.world > 1 else 3)
 
     def _groups(self):
         wd = self.args.weight_decay
@@ -417,9 +422,6 @@ class Run:
 
     def _counts(self) -> dict[str, int]:
         return count(self.model, self.data.input_size)
-
-    def _penalty(self) -> torch.Tensor | float:
-        return self.pruner.penalty() if self.pruner is not None and self.pruner.active else 0.0
 
     # ---- checkpoints
     def ckpt_path(self) -> str:
@@ -482,17 +484,11 @@ class Run:
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
             if args.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(dev.type, torch.bfloat16, enabled=args.amp == "bf16"):
-                out = self.step_model(x)
-                task = F.cross_entropy(out.float(), y)
-            loss = task + self._penalty()
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+            task, right = self.step(x, y)
             self.scheduler.step()
             self.global_step += 1
-            loss_sum += task.detach() * y.numel()
-            correct += (out.detach().argmax(1) == y).sum()
+            loss_sum += task * y.numel()
+            correct += right
             seen += y.numel()
             if bar is not None:
                 bar.update(1)
@@ -504,8 +500,8 @@ class Run:
 
     def epoch_end(self, loss: float, acc: float, t0: float) -> list[dict]:
         events = self.pruner.epoch_end(self.epoch) if self.pruner is not None else []
-        if any(e["event"] == "compact" for e in events):
-            self._wrap()  # new parameters: DDP buckets and compiled graphs are rebuilt
+        if any(e["event"] in ("select", "compact") for e in events):
+            self._wrap()  # new masks or parameters: DDP buckets, compiled code, CUDA graph
         ev_loader = self.data.val if self.data.val is not None else self.data.test
         acc_eval = _evaluate(self.step_model, ev_loader, self.dev, self.args, self.d)
         rec = {"epoch": self.epoch, "loss": loss, "train_acc": acc,
@@ -605,6 +601,9 @@ def _prepare_out(args, d: Dist) -> None:
 
 def run(args: argparse.Namespace) -> dict | None:
     """Run training as configured; returns the report dict (None if stopped by --max-steps)."""
+    if args.cuda_graphs and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # NCCL's watchdog must not query events inside a capture (PyTorch's CUDA-graph notes)
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
     d = _init_dist(args.device)
     try:
         _prepare_out(args, d)
