@@ -3,8 +3,9 @@
 Small datasets (digits, CIFAR-10) are decoded once into a cached uint8 array and served by
 :class:`TensorLoader`, which keeps the whole set on the training device and augments each batch
 there (pad-and-crop, flip, normalise): no worker processes and no host work per step.
-Large ones (ImageNet, any ImageFolder) go through a ``DataLoader`` with workers that decode with
-Pillow (decoding on the GPU with ``torchvision.io.decode_jpeg`` is not wired in yet).
+Large ones (ImageNet, any ImageFolder) go through a ``DataLoader``: either its workers decode
+with Pillow, or they only read bytes and each batch is decoded on the training device with
+``torchvision.io.decode_jpeg`` (nvJPEG on a GPU; :mod:`paam_fast.device_decode`).
 """
 
 from __future__ import annotations
@@ -333,10 +334,15 @@ class TensorLoader:
 
 
 def image_folder_loaders(root: str, batch_size: int, workers: int, image_size: int,
-                         rank: int, world: int, seed: int, val: float | int | None):
-    """DataLoaders over ImageFolder trees (ImageNet: ``root/train``, ``root/val``).
+                         rank: int, world: int, seed: int, val: float | int | None,
+                         decode: str = "workers", device: torch.device | str = "cpu",
+                         channels_last: bool = False):
+    """Loaders over ImageFolder trees (ImageNet: ``root/train``, ``root/val``).
     RandomResizedCrop(image_size) + flip for training; Resize(image_size·8/7) + CenterCrop for
-    evaluation.  Returns (train_loader, eval_loader, classes, sampler)."""
+    evaluation.  ``decode="workers"``: DataLoader workers decode with Pillow and yield CPU
+    tensors; ``decode="device"``: workers read bytes and each batch is decoded and augmented
+    on ``device`` (:mod:`paam_fast.device_decode`).  Returns (train_loader, eval_loader,
+    classes, sampler)."""
     import torchvision
     from torchvision import transforms as T
 
@@ -346,19 +352,35 @@ def image_folder_loaders(root: str, batch_size: int, workers: int, image_size: i
     if not os.path.isdir(tr_dir) or ev_dir is None:
         raise DataError(f"--data {root!r} must hold train/ and val/ (or test/) in ImageFolder "
                         f"layout\n{LAYOUTS}")
-    norm = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
-    t_train = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(),
-                         norm])
-    t_eval = T.Compose([T.Resize(round(image_size * 8 / 7)), T.CenterCrop(image_size),
-                        T.ToTensor(), norm])
-    train = torchvision.datasets.ImageFolder(tr_dir, t_train)
-    evald = torchvision.datasets.ImageFolder(ev_dir, t_eval)
+    if decode not in ("workers", "device"):
+        raise ValueError(f"decode must be 'workers' or 'device', got {decode!r}")
+    try:
+        if decode == "device":
+            from .device_decode import EncodedImages
+
+            scan_tr = torchvision.datasets.ImageFolder(tr_dir)
+            scan_ev = torchvision.datasets.ImageFolder(ev_dir)
+            train = EncodedImages(scan_tr.samples)
+            evald = EncodedImages(scan_ev.samples)
+            train_as_eval = train
+            classes = scan_tr.classes
+        else:
+            norm = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+            t_train = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(),
+                                 T.ToTensor(), norm])
+            t_eval = T.Compose([T.Resize(round(image_size * 8 / 7)), T.CenterCrop(image_size),
+                                T.ToTensor(), norm])
+            train = torchvision.datasets.ImageFolder(tr_dir, t_train)
+            evald = torchvision.datasets.ImageFolder(ev_dir, t_eval)
+            train_as_eval = torchvision.datasets.ImageFolder(tr_dir, t_eval) if val else None
+            classes = train.classes
+    except (FileNotFoundError, OSError) as e:  # e.g. a class folder without images
+        raise DataError(f"--data {root!r}: {e}\n{LAYOUTS}") from e
     if val:
         n = len(train)
         k = int(val) if isinstance(val, int) or val >= 1 else round(val * n)
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(20221020)).tolist()
-        evald = torch.utils.data.Subset(torchvision.datasets.ImageFolder(tr_dir, t_eval),
-                                        perm[:k])
+        evald = torch.utils.data.Subset(train_as_eval, perm[:k])
         train = torch.utils.data.Subset(train, perm[k:])
     sampler = torch.utils.data.distributed.DistributedSampler(
         train, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
@@ -366,7 +388,16 @@ def image_folder_loaders(root: str, batch_size: int, workers: int, image_size: i
         evald, num_replicas=world, rank=rank, shuffle=False)
     kw = {"num_workers": workers, "pin_memory": torch.cuda.is_available(),
           "persistent_workers": workers > 0}
+    if decode == "device":
+        from .device_decode import DeviceDecodeLoader, collate_encoded
+
+        kw["collate_fn"] = collate_encoded
+        kw["pin_memory"] = False  # ragged byte strings: nothing worth pinning
     tl = torch.utils.data.DataLoader(train, batch_size, sampler=sampler, drop_last=True, **kw)
     el = torch.utils.data.DataLoader(evald, batch_size, sampler=ev_sampler, **kw)
-    classes = (train.dataset if isinstance(train, torch.utils.data.Subset) else train).classes
+    if decode == "device":
+        common = {"image_size": image_size, "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
+                  "seed": seed, "rank": rank, "channels_last": channels_last}
+        tl = DeviceDecodeLoader(tl, device, train=True, sampler=sampler, **common)
+        el = DeviceDecodeLoader(el, device, train=False, **common)
     return tl, el, classes, sampler

@@ -155,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--compile", action="store_true", help="torch.compile the model (re-compiled after a "
       "compaction)")
     a("--workers", type=int, default=8, help="DataLoader workers (imagenet / imagefolder)")
+    a("--decode", choices=["auto", "device", "workers"], default="auto",
+      help="imagenet / imagefolder: 'device' decodes each batch of JPEGs on the training device "
+      "(torchvision.io.decode_jpeg, nvJPEG on a GPU) and augments there, the workers only read "
+      "files; 'workers' decodes with Pillow in the workers; 'auto': device on a GPU")
     a("--image-size", type=int, default=224, help="crop size (imagenet / imagefolder)")
     a("--cache", default=None, help="where decoded arrays are cached (default $PAAM_FAST_CACHE "
       "or ~/.cache/paam_fast)")
@@ -308,21 +312,24 @@ class _Data:
             self.n_train = len(train)
         else:
             self.kind = "folder"
+            decode = args.decode if args.decode != "auto" else (
+                "device" if dev.type == "cuda" else "workers")
+            kw = {"decode": decode, "device": dev, "channels_last": args.channels_last}
             tl, el, classes, sampler = D.image_folder_loaders(
                 args.data, args.batch_size, args.workers, args.image_size, d.rank, d.world,
-                args.seed, args.val)
+                args.seed, args.val, **kw)
             self.train, self.sampler, self.classes = tl, sampler, classes
             self.val = el if args.val else None
             self.test = None if args.val else el
             if args.val:  # the held-out val/ (or test/) folder is the test set
                 _, self.test, _, _ = D.image_folder_loaders(
                     args.data, args.batch_size, args.workers, args.image_size, d.rank, d.world,
-                    args.seed, None)
+                    args.seed, None, **kw)
             self.input_size = (1, 3, args.image_size, args.image_size)
             self.n_train = len(tl.dataset)
 
     def set_epoch(self, epoch: int) -> None:
-        if self.kind == "tensor":
+        if hasattr(self.train, "set_epoch"):  # TensorLoader, DeviceDecodeLoader
             self.train.set_epoch(epoch)
         else:
             self.sampler.set_epoch(epoch)
