@@ -18,7 +18,8 @@ fi
 python -m paam_fast.info 2>&1 | tee -a "$OUT/log.txt"
 
 log "GPU tests"
-timeout 150 python -m pytest -q -x tests/test_gpu.py tests/test_masked_ext.py tests/test_scoring.py \
+timeout 180 python -m pytest -q -x tests/test_gpu.py tests/test_masked_ext.py tests/test_scoring.py \
+  tests/test_step.py tests/test_device_decode.py \
   -p no:logging 2>&1 | tail -15 | tee -a "$OUT/log.txt"
 
 if [ "$DRY" = 1 ]; then ARGS56="--batch 8"; ARGS50="--batch 2 --size 64"; else ARGS56="--batch 128"; ARGS50="--batch 256 --size 224"; fi
@@ -34,7 +35,7 @@ timeout 150 python -m paam_fast.bench.masked --arch resnet50 $ARGS50 2>&1 | grep
 # CIFAR-10, ResNet56, the four methods at once on the GPU, in the time that is left.
 left=$(( 450 - ($(date +%s) - start) ))
 if [ -f .data/cifar10-jpeg.tar.gz ] && [ "$left" -gt 90 ]; then
-  if [ "$DRY" = 1 ]; then EPOCHS=1; EXTRA="--subset 500 --arch resnet20 --batch-size 50"; else EPOCHS=30; EXTRA="--amp bf16 --channels-last"; fi
+  if [ "$DRY" = 1 ]; then EPOCHS=1; EXTRA="--subset 500 --arch resnet20 --batch-size 50"; else EPOCHS=30; EXTRA="--amp bf16 --channels-last --cuda-graphs"; fi
   log "CIFAR-10 comparison, $EPOCHS epochs, ${left}s left"
   python -c "from paam_fast.data import load_cifar10; load_cifar10('.data/cifar10-jpeg.tar.gz')"
   for m in dense paam slim uniform; do

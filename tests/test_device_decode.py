@@ -46,19 +46,24 @@ def folder(tmp_path_factory):
     return str(root)
 
 
-def _loaders(folder, decode, **kw):
-    return D.image_folder_loaders(folder, 4, 0, 32, 0, 1, 0, None, decode=decode, device="cpu",
-                                  **kw)
+def _loaders(folder, decode, device="cpu"):
+    return D.image_folder_loaders(folder, 4, 0, 32, 0, 1, 0, None, decode=decode, device=device)
 
 
-def test_eval_pictures_match_the_pillow_pipeline(folder):
-    _, ev_dev, classes, _ = _loaders(folder, "device")
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (nvJPEG)"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_eval_pictures_match_the_pillow_pipeline(folder, device):
+    _, ev_dev, classes, _ = _loaders(folder, "device", device)
     _, ev_pil, classes_pil, _ = _loaders(folder, "workers")
     assert classes == classes_pil == ["ants", "bees"]
     xs_d, ys_d = zip(*list(ev_dev))
     xs_p, ys_p = zip(*list(ev_pil))
-    x_d, x_p = torch.cat(xs_d), torch.cat(xs_p)
-    assert torch.equal(torch.cat(ys_d), torch.cat(ys_p))
+    assert xs_d[0].device.type == device
+    x_d, x_p = torch.cat(xs_d).cpu(), torch.cat(xs_p)
+    assert torch.equal(torch.cat(ys_d).cpu(), torch.cat(ys_p))
     assert x_d.shape == x_p.shape == (6, 3, 32, 32) and x_d.dtype == torch.float32
     # different JPEG decoders and resampling code: close, not bit-equal (normalised units,
     # where one grey level is ~0.017)
@@ -67,8 +72,9 @@ def test_eval_pictures_match_the_pillow_pipeline(folder):
     assert float((x_d - x_p.flip(-1)).abs().mean()) > 3 * float(diff.mean())  # not vacuous
 
 
-def test_train_batches_are_augmented_reproducibly(folder):
-    tl, _, _, sampler = _loaders(folder, "device")
+@pytest.mark.parametrize("device", DEVICES)
+def test_train_batches_are_augmented_reproducibly(folder, device):
+    tl, _, _, sampler = _loaders(folder, "device", device)
     assert len(tl) == 4 and len(tl.dataset) == 16
     tl.set_epoch(0)
     a = list(tl)
@@ -83,7 +89,7 @@ def test_train_batches_are_augmented_reproducibly(folder):
     tl.set_epoch(0)
     order = list(iter(sampler))
     want = torch.tensor([tl.dataset.samples[i][1] for i in order])
-    assert torch.equal(torch.cat([y for _, y in a]), want)
+    assert torch.equal(torch.cat([y for _, y in a]).cpu(), want)
 
 
 def test_crop_boxes_follow_random_resized_crop():
