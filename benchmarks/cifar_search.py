@@ -37,6 +37,10 @@ GRIDS = {
         ("paam lam=0.05 masked", ["--lam", "0.05", "--after-select", "masked"]),
         ("paam lam=0.05 select@60%", ["--lam", "0.05", "--select-epoch", "9"]),
         ("paam lam=0.05 cost=params", ["--lam", "0.05", "--cost", "params"]),
+        # selecting later (60%) was worse than at 30%: does earlier selection, with more epochs
+        # to recover at the final width, help?
+        ("paam lam=0.05 select@15%", ["--lam", "0.05", "--select-epoch", "2"]),
+        ("paam lam=0.05 select@20%", ["--lam", "0.05", "--select-epoch", "3"]),
     ],
 }
 
