@@ -6,10 +6,13 @@ Layout ("group-major" unit order, built once per model by ``paam_fast.triton_sco
   wq/wk/wv  flat projections: unit u's (D_u, DH) matrix at table[u, WOFF]
   w (U, DH) head weights, b (U,) head biases
   alive  (R,) int8, R = Σ F_u: 1 for alive filters; rows of unit u start at table[u, ROW]
-  table  (U, 6) int64: F, D, ROW, TOK, WOFF, N_ALIVE
+  table  (U, 8) int64: F, D, ROW, TOK, WOFF, N_ALIVE, SITE0, NSITE
+  gamma/beta  flat affine parameters of the BN sites the gates fold into (γ' = g·γ, β' = g·β):
+         unit u's sites are site_off[SITE0 .. SITE0 + NSITE), each the offset of F_u values
 Scratch / outputs (fp32): qkv (R, 3·DH) raw projections, ss (U,) Σ of squared alive tokens,
 h (R, DH) attention output, lse (R,) softmax log-normaliser, s (R,) leaky-exp scores, m (U,)
-per-unit max, g (R,) gates.  The rms scale r = (ss / (N_ALIVE·D) + eps)^-1/2 is applied to the
+per-unit max, g (R,) gates, gout/bout the folded γ', β' (same layout as gamma/beta).
+The rms scale r = (ss / (N_ALIVE·D) + eps)^-1/2 is applied to the
 raw projections (Q = r·X·Wq), so tokens are never rescaled in memory.
 
 Attention per unit is flash-style: online softmax over key blocks, dead or padded keys masked
@@ -19,8 +22,8 @@ with -inf.  The backward recomputes P from the saved lse.
 import triton
 import triton.language as tl
 
-TAB_F, TAB_D, TAB_ROW, TAB_TOK, TAB_WOFF, TAB_NALIVE = 0, 1, 2, 3, 4, 5
-TABLE_COLS = 6
+TAB_F, TAB_D, TAB_ROW, TAB_TOK, TAB_WOFF, TAB_NALIVE, TAB_SITE0, TAB_NSITE = range(8)
+TABLE_COLS = 8
 
 
 @triton.jit
@@ -33,9 +36,32 @@ def _leaky_exp(e, leak):
 @triton.jit
 def _unit(table_ptr, u):
     """Row u of the unit table: F, D, first row, token offset, weight offset, alive count."""
-    base = table_ptr + u * 6
+    base = table_ptr + u * 8
     return (tl.load(base + 0), tl.load(base + 1), tl.load(base + 2), tl.load(base + 3),
             tl.load(base + 4), tl.load(base + 5))
+
+
+@triton.jit
+def _sites(table_ptr, u):
+    """First site index and number of sites of unit u (BN affines its gates fold into)."""
+    base = table_ptr + u * 8
+    return tl.load(base + 6), tl.load(base + 7)
+
+
+@triton.jit
+def _dg_total(dg_ptr, gamma_ptr, beta_ptr, dgout_ptr, dbout_ptr, site_off_ptr, site0, nsite,
+              row0, ri, imask):
+    """dL/dg of rows ri: the gates' own gradient plus, through every site's fold,
+    γ·dL/dγ' + β·dL/dβ'."""
+    dg = tl.load(dg_ptr + row0 + ri, mask=imask, other=0.0)
+    for k in range(site0, site0 + nsite):
+        off = tl.load(site_off_ptr + k) + ri
+        ga = tl.load(gamma_ptr + off, mask=imask, other=0.0).to(tl.float32)
+        be = tl.load(beta_ptr + off, mask=imask, other=0.0).to(tl.float32)
+        dga = tl.load(dgout_ptr + off, mask=imask, other=0.0).to(tl.float32)
+        dbe = tl.load(dbout_ptr + off, mask=imask, other=0.0).to(tl.float32)
+        dg += ga * dga + be * dbe
+    return dg
 
 
 @triton.jit
@@ -87,9 +113,11 @@ def proj_fwd_kernel(tok_ptr, wq_ptr, wk_ptr, wv_ptr, alive_ptr, table_ptr, qkv_p
 
 @triton.jit
 def attn_fwd_kernel(qkv_ptr, ss_ptr, table_ptr, alive_ptr, w_ptr, b_ptr, h_ptr, lse_ptr, s_ptr,
-                    m_ptr, g_ptr, leak, scale, eps, DH: tl.constexpr, NORM_MAX: tl.constexpr,
+                    m_ptr, g_ptr, gamma_ptr, beta_ptr, site_off_ptr, gout_ptr, bout_ptr, leak,
+                    scale, eps, DH: tl.constexpr, NORM_MAX: tl.constexpr,
                     BLOCK_F: tl.constexpr, BLOCK_DH: tl.constexpr, IEEE: tl.constexpr):
-    """Grid (U,): attention over the unit's alive filters, head, leaky-exp, max, gate."""
+    """Grid (U,): attention over the unit's alive filters, head, leaky-exp, max, gate, and the
+    gate folded into every site's BN affine (γ' = g·γ, β' = g·β)."""
     u = tl.program_id(0)
     f, d, row0, toff, woff, n_alive = _unit(table_ptr, u)
     r = 1.0 / tl.sqrt(tl.load(ss_ptr + u) / (n_alive * d).to(tl.float32) + eps)
@@ -141,6 +169,7 @@ def attn_fwd_kernel(qkv_ptr, ss_ptr, table_ptr, alive_ptr, w_ptr, b_ptr, h_ptr, 
     m = tl.max(smax, axis=0)
     tl.store(m_ptr + u, m)
     tl.debug_barrier()  # the s written above is read back by other threads of this program
+    site0, nsite = _sites(table_ptr, u)
     for i0 in range(0, f, BLOCK_F):
         ri = i0 + tl.arange(0, BLOCK_F)
         imask = ri < f
@@ -148,15 +177,23 @@ def attn_fwd_kernel(qkv_ptr, ss_ptr, table_ptr, alive_ptr, w_ptr, b_ptr, h_ptr, 
         if NORM_MAX:
             s = s / m
         tl.store(g_ptr + row0 + ri, s, mask=imask)
+        for k in range(site0, site0 + nsite):
+            off = tl.load(site_off_ptr + k) + ri
+            ga = tl.load(gamma_ptr + off, mask=imask, other=0.0).to(tl.float32)
+            be = tl.load(beta_ptr + off, mask=imask, other=0.0).to(tl.float32)
+            tl.store(gout_ptr + off, (s * ga).to(gout_ptr.dtype.element_ty), mask=imask)
+            tl.store(bout_ptr + off, (s * be).to(bout_ptr.dtype.element_ty), mask=imask)
 
 
 @triton.jit
 def attn_bwd_kernel(qkv_ptr, ss_ptr, table_ptr, alive_ptr, w_ptr, b_ptr, h_ptr, lse_ptr, s_ptr,
-                    m_ptr, dg_ptr, dqkv_ptr, dw_ptr, db_ptr, leak, scale, eps,
+                    m_ptr, dg_ptr, gamma_ptr, beta_ptr, site_off_ptr, dgout_ptr, dbout_ptr,
+                    dgamma_ptr, dbeta_ptr, dqkv_ptr, dw_ptr, db_ptr, leak, scale, eps,
                     DH: tl.constexpr, NORM_MAX: tl.constexpr, BLOCK_F: tl.constexpr,
                     BLOCK_DH: tl.constexpr, IEEE: tl.constexpr):
-    """Grid (U,): from dg to the raw projections' gradients dqkv (= r·dQ, r·dK, r·dV; dqkv
-    must be zero on entry: dK and dV accumulate over query blocks), dw and db."""
+    """Grid (U,): from dg (and the folded affines' gradients dγ', dβ') to the raw projections'
+    gradients dqkv (= r·dQ, r·dK, r·dV; dqkv must be zero on entry: dK and dV accumulate over
+    query blocks), dw, db, and the sites' dγ = g·dγ', dβ = g·dβ'."""
     u = tl.program_id(0)
     f, d, row0, toff, woff, n_alive = _unit(table_ptr, u)
     r = 1.0 / tl.sqrt(tl.load(ss_ptr + u) / (n_alive * d).to(tl.float32) + eps)
@@ -165,6 +202,7 @@ def attn_bwd_kernel(qkv_ptr, ss_ptr, table_ptr, alive_ptr, w_ptr, b_ptr, h_ptr, 
     wh = tl.load(w_ptr + u * DH + cols, mask=cmask, other=0.0).to(tl.float32)
     bh = tl.load(b_ptr + u).to(tl.float32)
     m = tl.load(m_ptr + u)
+    site0, nsite = _sites(table_ptr, u)
     # g = s / max s: the max's gradient is shared equally by the tied maxima (as torch.amax)
     dm_acc = tl.zeros((BLOCK_F,), dtype=tl.float32)
     cnt_acc = tl.zeros((BLOCK_F,), dtype=tl.float32)
@@ -173,7 +211,8 @@ def attn_bwd_kernel(qkv_ptr, ss_ptr, table_ptr, alive_ptr, w_ptr, b_ptr, h_ptr, 
             ri = i0 + tl.arange(0, BLOCK_F)
             imask = ri < f
             s = tl.load(s_ptr + row0 + ri, mask=imask, other=0.0)
-            dg = tl.load(dg_ptr + row0 + ri, mask=imask, other=0.0)
+            dg = _dg_total(dg_ptr, gamma_ptr, beta_ptr, dgout_ptr, dbout_ptr, site_off_ptr,
+                           site0, nsite, row0, ri, imask)
             dm_acc += -dg * s / (m * m)
             cnt_acc += tl.where(imask & (s == m), 1.0, 0.0)
     dm = tl.sum(dm_acc, axis=0)
@@ -185,7 +224,15 @@ def attn_bwd_kernel(qkv_ptr, ss_ptr, table_ptr, alive_ptr, w_ptr, b_ptr, h_ptr, 
         imask = ri < f
         alive_i = imask & (tl.load(alive_ptr + row0 + ri, mask=imask, other=0) != 0)
         s = tl.load(s_ptr + row0 + ri, mask=imask, other=0.0)
-        dg = tl.load(dg_ptr + row0 + ri, mask=imask, other=0.0)
+        dg = _dg_total(dg_ptr, gamma_ptr, beta_ptr, dgout_ptr, dbout_ptr, site_off_ptr,
+                       site0, nsite, row0, ri, imask)
+        gi = s / m if NORM_MAX else s
+        for k in range(site0, site0 + nsite):
+            off = tl.load(site_off_ptr + k) + ri
+            dga = tl.load(dgout_ptr + off, mask=imask, other=0.0).to(tl.float32)
+            dbe = tl.load(dbout_ptr + off, mask=imask, other=0.0).to(tl.float32)
+            tl.store(dgamma_ptr + off, gi * dga, mask=imask)
+            tl.store(dbeta_ptr + off, gi * dbe, mask=imask)
         if NORM_MAX:
             ds = dg / m + tl.where(s == m, dm / cnt, 0.0)
         else:

@@ -152,11 +152,10 @@ class PaamController(nn.Module):
     def compute_gates(self) -> list[torch.Tensor]:
         """Score every unit: the fused Triton kernels (all units, a few launches) or one batched
         reference chain per (F, D) group. Returns (G, F) per group."""
-        p = self.groups[0].wq
-        if dispatch.scoring_backend(p.device, p.dtype)[0] == "triton":
+        if self._triton():
             from .triton_scoring import score_all
 
-            return score_all(self)
+            return score_all(self)[0]
         out = []
         for grp, idx in zip(self.groups, self.group_units):
             x = torch.stack([self.tokens(i) for i in idx]) if len(idx) > 1 \
@@ -172,12 +171,23 @@ class PaamController(nn.Module):
         """Compute this forward's gates and hand each unit's to its gate sites."""
         if self.frozen or self.scorer == "bn":
             return
-        gates = self.compute_gates()
+        if self._triton():  # the kernel writes the folded affines itself
+            from .triton_scoring import score_all
+
+            gates, folds = score_all(self)
+            for n, wb in folds.items():
+                self._mods[n]._paam_fold.value = wb
+        else:
+            gates = self.compute_gates()
+            self._fold(gates)
         self._last.value = gates
         for g, idx in zip(gates, self.group_units):
             for row, i in enumerate(idx):
                 self._boxes[i].value = g[row]
-        self._fold(gates)
+
+    def _triton(self) -> bool:
+        p = self.groups[0].wq
+        return dispatch.scoring_backend(p.device, p.dtype)[0] == "triton"
 
     def unit_gates(self, detach: bool = True) -> list[torch.Tensor]:
         """Per unit (F,) gates of the last forward (frozen gates once frozen)."""

@@ -1,8 +1,10 @@
 """The fused Triton scoring path: registered ops around ``kernels/scoring.py``, with fake
 implementations (torch.compile) and autograd, and the per-model unit table.
 
-Forward: one ``torch.cat`` of the tokens, ``proj_fwd_kernel`` and ``attn_fwd_kernel``.
-Backward: one zero-fill, ``attn_bwd_kernel`` and ``proj_bwd_kernel``.  The reference is
+Forward: one ``torch.cat`` of the tokens, ``proj_fwd_kernel`` and ``attn_fwd_kernel``, which
+also writes the gated BN affines γ' = g·γ, β' = g·β of every site (fresh tensors, never the
+Parameters).  Backward: one zero-fill, ``attn_bwd_kernel`` (which adds the folds' γ·dγ' + β·dβ'
+to dg and writes dγ = g·dγ', dβ = g·dβ') and ``proj_bwd_kernel``.  The reference is
 ``paam_fast.scoring.score_batched``; the choice between them is made in ``paam_fast.dispatch``.
 """
 
@@ -31,12 +33,14 @@ def _bdh(dh: int) -> int:
 
 @torch.library.custom_op("paam_fast::score_units", mutates_args=())
 def score_units(tok: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor,
-                w: torch.Tensor, b: torch.Tensor, alive: torch.Tensor, table: torch.Tensor,
+                w: torch.Tensor, b: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
+                alive: torch.Tensor, table: torch.Tensor, site_off: torch.Tensor,
                 max_f: int, max_d: int, leak: float, norm_max: bool
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                           torch.Tensor, torch.Tensor]:
-    """Gates of every unit. tok (T,), wq/wk/wv (W,), w (U, DH), b (U,), alive (R,) int8,
-    table (U, 6) int64.  Returns g (R,) fp32 and the saved state qkv (R, 3·DH), ss (U,),
+                           torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gates of every unit. tok (T,), wq/wk/wv (W,), w (U, DH), b (U,), gamma/beta (S,) the
+    sites' flat BN affines, alive (R,) int8, table (U, 8) int64, site_off (sites,) int64.
+    Returns g (R,) fp32, the folded γ', β' (S,) and the saved state qkv (R, 3·DH), ss (U,),
     h (R, DH), lse (R,), s (R,), m (U,)."""
     from paam_fast.kernels import scoring as K
 
@@ -46,6 +50,7 @@ def score_units(tok: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, wv: torch
     qkv, h = _out(r, 3 * dh, device=dev), _out(r, dh, device=dev)
     lse, s, g = _out(r, device=dev), _out(r, device=dev), _out(r, device=dev)
     m = _out(u, device=dev)
+    gout, bout = _like(gamma), _like(beta)
     ss = torch.zeros(u, dtype=torch.float32, device=dev)
     bl = _blocks(dev)
     ieee = True  # fp32 dots everywhere: the arithmetic is ~0.3% of a step; accuracy first
@@ -53,9 +58,17 @@ def score_units(tok: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, wv: torch
         tok, wq, wk, wv, alive, table, qkv, ss, DH=dh, BLOCK_F=bl["BLOCK_F"],
         BLOCK_K=bl["BLOCK_K"], BLOCK_DH=_bdh(dh), IEEE=ieee)
     K.attn_fwd_kernel[(u,)](
-        qkv, ss, table, alive, w, b, h, lse, s, m, g, leak, 1.0 / math.sqrt(dh), TOKEN_EPS,
-        DH=dh, NORM_MAX=norm_max, BLOCK_F=bl["BLOCK_F"], BLOCK_DH=_bdh(dh), IEEE=ieee)
-    return g, qkv, ss, h, lse, s, m
+        qkv, ss, table, alive, w, b, h, lse, s, m, g, gamma, beta, site_off, gout, bout, leak,
+        1.0 / math.sqrt(dh), TOKEN_EPS, DH=dh, NORM_MAX=norm_max, BLOCK_F=bl["BLOCK_F"],
+        BLOCK_DH=_bdh(dh), IEEE=ieee)
+    return g, gout, bout, qkv, ss, h, lse, s, m
+
+
+def _like(t: torch.Tensor) -> torch.Tensor:
+    """An output shaped like t (NaN-poisoned under PAAM_FAST_POISON=1)."""
+    if os.environ.get("PAAM_FAST_POISON") == "1":
+        return torch.full_like(t, float("nan"))
+    return torch.empty_like(t)
 
 
 def _out(*shape: int, device) -> torch.Tensor:
@@ -71,62 +84,75 @@ def triton_cdiv(a: int, b: int) -> int:
 
 
 @score_units.register_fake
-def _(tok, wq, wk, wv, w, b, alive, table, max_f, max_d, leak, norm_max):
+def _(tok, wq, wk, wv, w, b, gamma, beta, alive, table, site_off, max_f, max_d, leak,
+      norm_max):
     u, dh = w.shape
     r = alive.shape[0]
     new = lambda *s: tok.new_empty(s, dtype=torch.float32)
-    return new(r), new(r, 3 * dh), new(u), new(r, dh), new(r), new(r), new(u)
+    return (new(r), torch.empty_like(gamma), torch.empty_like(beta), new(r, 3 * dh), new(u),
+            new(r, dh), new(r), new(r), new(u))
 
 
 @torch.library.custom_op("paam_fast::score_units_backward", mutates_args=())
-def score_units_backward(dg: torch.Tensor, tok: torch.Tensor, w: torch.Tensor,
-                         b: torch.Tensor, alive: torch.Tensor, table: torch.Tensor,
-                         qkv: torch.Tensor, ss: torch.Tensor, h: torch.Tensor,
-                         lse: torch.Tensor, s: torch.Tensor, m: torch.Tensor, n_w: int,
-                         max_f: int, max_d: int, leak: float, norm_max: bool
+def score_units_backward(dg: torch.Tensor, dgout: torch.Tensor, dbout: torch.Tensor,
+                         tok: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
+                         gamma: torch.Tensor, beta: torch.Tensor, alive: torch.Tensor,
+                         table: torch.Tensor, site_off: torch.Tensor, qkv: torch.Tensor,
+                         ss: torch.Tensor, h: torch.Tensor, lse: torch.Tensor, s: torch.Tensor,
+                         m: torch.Tensor, n_w: int, max_f: int, max_d: int, leak: float,
+                         norm_max: bool
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                    torch.Tensor]:
-    """Gradients (dwq, dwk, dwv (n_w,), dw (U, DH), db (U,)) from dg (R,)."""
+                                    torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dwq, dwk, dwv (n_w,), dw (U, DH), db (U,), dgamma, dbeta (S,)) from dg (R,)
+    and the folded affines' dgout, dbout (S,)."""
     from paam_fast.kernels import scoring as K
 
     u, dh = w.shape
     dev = tok.device
-    dg = dg.contiguous().float()  # the gradient of a sum() arrives expanded (stride 0)
+    # the gradient of a sum() arrives expanded (stride 0): the kernels index flat memory
+    dg, dgout, dbout = dg.contiguous().float(), dgout.contiguous(), dbout.contiguous()
     dqkv = torch.zeros_like(qkv)
     dw, db = _out(u, dh, device=dev), _out(u, device=dev)
+    dgamma, dbeta = _like(gamma), _like(beta)
     dwq, dwk, dwv = (torch.zeros(n_w, dtype=torch.float32, device=dev) for _ in range(3))
     bl = _blocks(dev)
     K.attn_bwd_kernel[(u,)](
-        qkv, ss, table, alive, w, b, h, lse, s, m, dg, dqkv, dw, db, leak, 1.0 / math.sqrt(dh),
-        TOKEN_EPS, DH=dh, NORM_MAX=norm_max, BLOCK_F=bl["BLOCK_F"], BLOCK_DH=_bdh(dh),
-        IEEE=True)
+        qkv, ss, table, alive, w, b, h, lse, s, m, dg, gamma, beta, site_off, dgout, dbout,
+        dgamma, dbeta, dqkv, dw, db, leak, 1.0 / math.sqrt(dh), TOKEN_EPS, DH=dh,
+        NORM_MAX=norm_max, BLOCK_F=bl["BLOCK_F"], BLOCK_DH=_bdh(dh), IEEE=True)
     K.proj_bwd_kernel[(u, triton_cdiv(max_d, bl["BLOCK_K"]))](
         tok, dqkv, table, dwq, dwk, dwv, DH=dh, BLOCK_F=bl["BLOCK_F"], BLOCK_K=bl["BLOCK_K"],
         BLOCK_DH=_bdh(dh), IEEE=True)
-    return dwq, dwk, dwv, dw.to(w.dtype), db.to(b.dtype)
+    return dwq, dwk, dwv, dw.to(w.dtype), db.to(b.dtype), dgamma, dbeta
 
 
 @score_units_backward.register_fake
-def _(dg, tok, w, b, alive, table, qkv, ss, h, lse, s, m, n_w, max_f, max_d, leak, norm_max):
+def _(dg, dgout, dbout, tok, w, b, gamma, beta, alive, table, site_off, qkv, ss, h, lse, s, m,
+      n_w, max_f, max_d, leak, norm_max):
     u, dh = w.shape
     f32 = lambda *sh: tok.new_empty(sh, dtype=torch.float32)
-    return f32(n_w), f32(n_w), f32(n_w), w.new_empty(u, dh), b.new_empty(u)
+    return (f32(n_w), f32(n_w), f32(n_w), w.new_empty(u, dh), b.new_empty(u),
+            torch.empty_like(gamma), torch.empty_like(beta))
 
 
 def _setup(ctx, inputs, output):
-    tok, wq, wk, wv, w, b, alive, table, max_f, max_d, leak, norm_max = inputs
-    g, qkv, ss, h, lse, s, m = output
-    ctx.save_for_backward(tok, w, b, alive, table, qkv, ss, h, lse, s, m)
+    tok, wq, wk, wv, w, b, gamma, beta, alive, table, site_off, max_f, max_d, leak, \
+        norm_max = inputs
+    g, gout, bout, qkv, ss, h, lse, s, m = output
+    ctx.save_for_backward(tok, w, b, gamma, beta, alive, table, site_off, qkv, ss, h, lse, s, m)
     ctx.cfg = (wq.numel(), max_f, max_d, leak, norm_max, wq.dtype)
 
 
-def _backward(ctx, dg, *_unused):
-    tok, w, b, alive, table, qkv, ss, h, lse, s, m = ctx.saved_tensors
+def _backward(ctx, dg, dgout, dbout, *_unused):
+    tok, w, b, gamma, beta, alive, table, site_off, qkv, ss, h, lse, s, m = ctx.saved_tensors
     n_w, max_f, max_d, leak, norm_max, wdtype = ctx.cfg
-    dwq, dwk, dwv, dw, db = score_units_backward(dg, tok, w, b, alive, table, qkv, ss, h, lse,
-                                                 s, m, n_w, max_f, max_d, leak, norm_max)
+    zero = lambda t, like: torch.zeros_like(like) if t is None else t
+    dwq, dwk, dwv, dw, db, dgamma, dbeta = score_units_backward(
+        zero(dg, s), zero(dgout, gamma), zero(dbout, beta), tok, w, b, gamma, beta, alive,
+        table, site_off, qkv, ss, h, lse, s, m, n_w, max_f, max_d, leak, norm_max)
     cast = lambda t: t.to(wdtype)
-    return None, cast(dwq), cast(dwk), cast(dwv), dw, db, None, None, None, None, None, None
+    return (None, cast(dwq), cast(dwk), cast(dwv), dw, db, dgamma, dbeta, None, None, None,
+            None, None, None, None)
 
 
 class UnitTable:
@@ -137,17 +163,25 @@ class UnitTable:
     def __init__(self, ctrl) -> None:
         self.order = [i for idx in ctrl.group_units for i in idx]
         dev = ctrl.mask(0).device
+        folded = set(ctrl._fold_sites)
         rows, tok, woff = 0, 0, 0
-        tab = []
+        tab, self.sites, site_off, flat = [], [], [], 0
         for gi, idx in enumerate(ctrl.group_units):
             d_tok = ctrl.groups[gi].wq.shape[1]
             f = ctrl.units[idx[0]].width
-            for _ in idx:
-                tab.append([f, d_tok, rows, tok, woff, 0])
+            for i in idx:
+                mine = [n for n in ctrl.units[i].sites if n in folded]
+                tab.append([f, d_tok, rows, tok, woff, 0, len(self.sites), len(mine)])
+                for n in mine:  # the fold sites in table order: the flat γ/β layout
+                    self.sites.append(n)
+                    site_off.append(flat)
+                    flat += f
                 rows += f
                 tok += f * d_tok
                 woff += d_tok * ctrl.dim
         self.table_cpu = torch.tensor(tab, dtype=torch.int64)
+        # one element at least: a kernel argument must have storage even when never read
+        self.site_off = torch.tensor(site_off or [0], dtype=torch.int64, device=dev)
         self.rows = rows
         self.max_f = max(t[0] for t in tab)
         self.max_d = max(t[1] for t in tab)
@@ -165,8 +199,9 @@ class UnitTable:
 score_units.register_autograd(_backward, setup_context=_setup)
 
 
-def score_all(ctrl) -> list[torch.Tensor]:
-    """Gates of every unit of ``ctrl``'s model, as (G, F) per shape group (fp32)."""
+def score_all(ctrl) -> tuple[list[torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """Gates of every unit of ``ctrl``'s model, as (G, F) per shape group (fp32), and the
+    folded (γ', β') of every BN site in ``ctrl._fold_sites``, by site name."""
     tab = ctrl.__dict__.get("_triton_table")
     if tab is None or tab.device != ctrl.mask(0).device:
         tab = UnitTable(ctrl)
@@ -177,12 +212,21 @@ def score_all(ctrl) -> list[torch.Tensor]:
     wv = torch.cat([g.wv.reshape(-1) for g in ctrl.groups])
     w = torch.cat([g.w for g in ctrl.groups])
     b = torch.cat([g.b for g in ctrl.groups])
-    g = score_units(tok, wq, wk, wv, w, b, tab.alive, tab.table, tab.max_f, tab.max_d,
-                    ctrl.leak, ctrl.normalize == "max")[0]
+    mods = [ctrl._mods[n] for n in tab.sites]
+    if mods:
+        gamma = torch.cat([m.weight for m in mods])
+        beta = torch.cat([m.bias for m in mods])
+    else:
+        gamma = beta = torch.zeros(1, dtype=w.dtype, device=w.device)
+    g, gout, bout = score_units(tok, wq, wk, wv, w, b, gamma, beta, tab.alive, tab.table,
+                                tab.site_off, tab.max_f, tab.max_d, ctrl.leak,
+                                ctrl.normalize == "max")[:3]
     out, row = [], 0
     for idx in ctrl.group_units:
         n, f = len(idx), ctrl.units[idx[0]].width
         out.append(g[row:row + n * f].view(n, f))
         row += n * f
-    return out
+    sizes = [m.weight.shape[0] for m in mods]
+    folds = {n: (gw, bw) for n, gw, bw in zip(tab.sites, gout.split(sizes), bout.split(sizes))}
+    return out, folds
 

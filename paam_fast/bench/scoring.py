@@ -1,6 +1,8 @@
-"""Scoring forward+backward for every gated unit of a model: one chain per unit (plain PyTorch,
-each unit with its own parameters) vs the batched reference (units of equal (F, D) share one
-batched chain).  Counts ATen ops and times both.
+"""Scoring forward+backward for every gated unit of a model, gated BN affines included
+(γ' = g·γ, β' = g·β at every site, and their gradients back to γ, β): one chain per unit (plain
+PyTorch, each unit with its own parameters) vs the batched reference (units of equal (F, D) share
+one batched chain, one flat fold) vs the fused Triton kernels (GPU).  Counts ATen ops and GPU
+kernels and times them.
 
     python -m paam_fast.bench.scoring --arch resnet50 [--size 224]
     pytest benchmarks/                         # the pytest-benchmark cases
@@ -33,20 +35,30 @@ def setup(arch: str, size: int, device: str = "cpu"):
                   for t in (grp.wq, grp.wk, grp.wv, grp.w, grp.b)]
             per_unit.append((i, ps))
 
+    sites = {i: [ctrl._mods[n] for n in u.sites if n in ctrl._fold_sites]
+             for i, u in enumerate(ctrl.units)}
+    affine = [p for ms in sites.values() for m in ms for p in (m.weight, m.bias)]
+
     def batched():
-        gates = ctrl.compute_gates()
-        sum(g.sum() for g in gates).backward()
-        for p in ctrl.parameters():  # keep .grad tensors in place (graph capture), zeroed
-            p.grad.zero_()
+        ctrl.refresh()
+        total = sum(g.sum() for g in ctrl._last.value)
+        for n in ctrl._fold_sites:
+            w, b = ctrl._mods[n]._paam_fold.value
+            total = total + w.sum() + b.sum()
+        total.backward()
+        for p in [*ctrl.parameters(), *affine]:  # dropped, not zeroed: no extra launches
+            p.grad = None
 
     def chains():
         total = 0
         for i, ps in per_unit:
-            total = total + score_unit(ctrl.tokens(i), *ps, None, ctrl.leak, ctrl.normalize).sum()
+            g = score_unit(ctrl.tokens(i), *ps, None, ctrl.leak, ctrl.normalize)
+            total = total + g.sum()
+            for m in sites[i]:
+                total = total + (g * m.weight).sum() + (g * m.bias).sum()
         total.backward()
-        for _, ps in per_unit:
-            for p in ps:
-                p.grad.zero_()
+        for p in [*(p for _, ps in per_unit for p in ps), *affine]:
+            p.grad = None
 
     return model, batched, chains
 
