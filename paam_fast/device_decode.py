@@ -42,8 +42,10 @@ class EncodedImages(torch.utils.data.Dataset):
 
 
 def collate_encoded(batch):
-    return ([b[0] for b in batch], torch.tensor([b[1] for b in batch], dtype=torch.int64),
-            [b[2] for b in batch])
+    """(all files' bytes in one uint8 tensor, their lengths, labels, indices): one shared-memory
+    tensor per batch crosses from a worker, not one per picture (file descriptors)."""
+    return (torch.cat([b[0] for b in batch]), [b[0].numel() for b in batch],
+            torch.tensor([b[1] for b in batch], dtype=torch.int64), [b[2] for b in batch])
 
 
 def random_resized_crop_box(h: int, w: int, gen: torch.Generator, scale=(0.08, 1.0),
@@ -106,9 +108,11 @@ class DeviceDecodeLoader:
             self.sampler.set_epoch(epoch)
 
     def _path(self, i: int) -> str:
+        """The file of sample ``i``, an index of the innermost dataset (EncodedImages returns
+        its own index, already mapped through any Subset)."""
         ds = self.loader.dataset
         while isinstance(ds, torch.utils.data.Subset):
-            i, ds = ds.indices[i], ds.dataset
+            ds = ds.dataset
         return ds.samples[i][0]
 
     def decode(self, datas: list[torch.Tensor], idx: list[int]) -> list[torch.Tensor]:
@@ -117,6 +121,8 @@ class DeviceDecodeLoader:
 
         try:
             return list(decode_jpeg(datas, mode=ImageReadMode.RGB, device=self.device))
+        except torch.OutOfMemoryError:
+            raise
         except RuntimeError:
             pass  # one bad or non-JPEG file fails the whole batch: go one by one
         out = []
@@ -124,10 +130,14 @@ class DeviceDecodeLoader:
             try:
                 out.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device))
                 continue
+            except torch.OutOfMemoryError:
+                raise
             except RuntimeError:
                 pass
             try:
                 out.append(decode_image(data, mode=ImageReadMode.RGB).to(self.device))
+            except torch.OutOfMemoryError:
+                raise
             except RuntimeError as e:
                 raise DataError(f"cannot decode image {self._path(i)}: {e}") from e
         return out
@@ -151,8 +161,8 @@ class DeviceDecodeLoader:
 
     def __iter__(self):
         gen = torch.Generator().manual_seed((self.seed * 100003 + self.epoch) * 64 + self.rank)
-        for datas, y, idx in self.loader:
-            imgs = self.decode(datas, idx)
+        for flat, lengths, y, idx in self.loader:
+            imgs = self.decode(list(flat.split(lengths)), idx)
             crops = [self._augment(im, gen) if self.train else self._center(im) for im in imgs]
             x = (torch.stack(crops) - self.mean) / self.std
             if self.channels_last:

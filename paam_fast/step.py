@@ -34,10 +34,11 @@ MODES = ("eager", "graph", "static")
 @torch.no_grad()
 def sgd_update(optimizer: torch.optim.SGD, lrs: list[torch.Tensor]) -> None:
     """``optimizer.step()`` of torch's SGD with each group's learning rate read from the device
-    tensor ``lrs[i]``: no host read, so it can be captured in a CUDA graph.  Same arithmetic as
+    tensor ``lrs[i]``: no host read, so it can be captured in a CUDA graph.  Same update as
     torch (weight decay added to the gradient, momentum buffer cloned from the first gradient,
     dampening, nesterov, maximize) on the optimizer's own ``state`` (checkpoints and compaction
-    see the usual ``momentum_buffer``)."""
+    see the usual ``momentum_buffer``); the last step rounds twice (lr·d, then p − lr·d) where
+    torch's ``add_(d, alpha=-lr)`` may round once, so results agree to an ulp, not bitwise."""
     if not isinstance(optimizer, torch.optim.SGD):
         raise TypeError(f"whole-step capture supports torch.optim.SGD, got "
                         f"{type(optimizer).__name__}")
@@ -74,7 +75,8 @@ def sgd_update(optimizer: torch.optim.SGD, lrs: list[torch.Tensor]) -> None:
 
 class TrainStep:
     """``step(x, y) -> (task loss, correct)``: one SGD step of ``model`` on the batch, both
-    results 0-dim device tensors (no host sync).
+    results 0-dim device tensors (no host sync).  In graph mode they are the graph's static
+    outputs, overwritten by the next call: use (or clone) them before calling again.
 
     Args:
         model: the module to call (may be a DDP or compiled wrapper).
@@ -93,6 +95,10 @@ class TrainStep:
         if mode != "eager" and not isinstance(optimizer, torch.optim.SGD):
             raise TypeError(f"mode={mode!r} needs torch.optim.SGD, got "
                             f"{type(optimizer).__name__}")
+        if not isinstance(warmup, int) or warmup < 1:
+            # at least one eager step: momentum buffers and lazily built state must exist
+            # before the capture, or the graph would re-create them on every replay
+            raise ValueError(f"warmup must be a positive integer, got {warmup!r}")
         self.model, self.optimizer, self.pruner = model, optimizer, pruner
         self.amp, self.mode, self.warmup = amp, mode, warmup
         self._lrs: list[torch.Tensor] | None = None
@@ -104,6 +110,7 @@ class TrainStep:
         self._graph = None
         self._static: tuple[torch.Tensor, torch.Tensor] | None = None
         self._outs: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._gates = None  # the captured forward's gates (what selection reads)
         self._calls = 0
         self._penalised: bool | None = None
 
@@ -138,7 +145,11 @@ class TrainStep:
     def _fill_scalars(self, dev: torch.device) -> None:
         groups = self.optimizer.param_groups
         if self._lrs is None or self._lrs[0].device != dev or len(self._lrs) != len(groups):
-            self._lrs = [torch.zeros((), device=dev, dtype=torch.float32) for _ in groups]
+            # each lr in its parameters' dtype (float64 models keep a float64 lr); λ scales the
+            # fp32 penalty
+            dts = [g["params"][0].dtype if g["params"] and g["params"][0].is_floating_point()
+                   else torch.float32 for g in groups]
+            self._lrs = [torch.zeros((), device=dev, dtype=dt) for dt in dts]
             self._lam = torch.zeros((), device=dev, dtype=torch.float32)
         for t, g in zip(self._lrs, groups):
             t.fill_(float(g["lr"]))
@@ -154,9 +165,10 @@ class TrainStep:
         self._penalised = self._penalty_on()
         self._fill_scalars(x.device)
         static = self._static
-        if static is None or static[0].shape != x.shape or static[1].shape != y.shape:
-            if static is not None:  # an odd-sized batch: same arithmetic, not captured
-                return self._body(x, y)
+        if static is None or any(a.shape != b.shape or a.dtype != b.dtype or a.device != b.device
+                                 for a, b in zip(static, (x, y))):
+            if self._graph is not None:  # an odd batch after the capture: same arithmetic,
+                return self._body(x, y)  # run eagerly
             self._static = static = (x.clone(), y.clone())
         static[0].copy_(x)
         static[1].copy_(y)
@@ -172,7 +184,24 @@ class TrainStep:
             return outs
         if self._graph is None:
             self._graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self._graph):
+            # thread_local: a DataLoader's pin-memory thread may call CUDA during the capture
+            with torch.cuda.graph(self._graph, capture_error_mode="thread_local"):
                 self._outs = self._body(*static)
+            self._gates = self._controller_gates()
         self._graph.replay()
+        if self._gates is not None:
+            # A replay runs no Python: point the controller back at the gates the graph
+            # rewrites (an evaluation forward since may have left others there).
+            self._controller()._last.value = self._gates
         return self._outs
+
+    def _controller(self):
+        from .paamify import controller
+
+        return controller(self.model)
+
+    def _controller_gates(self):
+        try:
+            return self._controller()._last.value
+        except ValueError:  # not a paamified model
+            return None

@@ -114,7 +114,8 @@ def score_units_backward(dg: torch.Tensor, dgout: torch.Tensor, dbout: torch.Ten
     dqkv = torch.zeros_like(qkv)
     dw, db = _out(u, dh, device=dev), _out(u, device=dev)
     dgamma, dbeta = _like(gamma), _like(beta)
-    dwq, dwk, dwv = (torch.zeros(n_w, dtype=torch.float32, device=dev) for _ in range(3))
+    # proj_bwd_kernel writes every element of dWq/dWk/dWv (no zero-fill; poisoned in tests)
+    dwq, dwk, dwv = (_out(n_w, device=dev) for _ in range(3))
     bl = _blocks(dev)
     K.attn_bwd_kernel[(u,)](
         qkv, ss, table, alive, w, b, h, lse, s, m, dg, gamma, beta, site_off, dgout, dbout,
@@ -207,17 +208,19 @@ def score_all(ctrl) -> tuple[list[torch.Tensor], dict[str, tuple[torch.Tensor, t
         tab = UnitTable(ctrl)
         ctrl._triton_table = tab
     tok = torch.cat([ctrl.tokens(i).reshape(-1) for i in tab.order]).float()
-    wq = torch.cat([g.wq.reshape(-1) for g in ctrl.groups])
-    wk = torch.cat([g.wk.reshape(-1) for g in ctrl.groups])
-    wv = torch.cat([g.wv.reshape(-1) for g in ctrl.groups])
-    w = torch.cat([g.w for g in ctrl.groups])
-    b = torch.cat([g.b for g in ctrl.groups])
+    # Every trainable input in one flat buffer: one launch forward, one backward (the
+    # gradients meet again in one cat before autograd hands each parameter its slice).
+    # The tokens stay apart: they take no gradient, and a zero-filled one would be large.
     mods = [ctrl._mods[n] for n in tab.sites]
-    if mods:
-        gamma = torch.cat([m.weight for m in mods])
-        beta = torch.cat([m.bias for m in mods])
-    else:
-        gamma = beta = torch.zeros(1, dtype=w.dtype, device=w.device)
+    kinds = [[g.wq for g in ctrl.groups], [g.wk for g in ctrl.groups],
+             [g.wv for g in ctrl.groups], [g.w for g in ctrl.groups], [g.b for g in ctrl.groups],
+             [m.weight for m in mods], [m.bias for m in mods]]
+    if not mods:  # no BN site to fold into: a dummy element each for γ and β
+        dummy = ctrl.groups[0].b.new_zeros(1)
+        kinds[5], kinds[6] = [dummy], [dummy]
+    flat = torch.cat([t.reshape(-1) for ts in kinds for t in ts])
+    wq, wk, wv, w, b, gamma, beta = flat.split([sum(t.numel() for t in ts) for ts in kinds])
+    w = w.view(-1, ctrl.dim)
     g, gout, bout = score_units(tok, wq, wk, wv, w, b, gamma, beta, tab.alive, tab.table,
                                 tab.site_off, tab.max_f, tab.max_d, ctrl.leak,
                                 ctrl.normalize == "max")[:3]

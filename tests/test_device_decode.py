@@ -124,10 +124,11 @@ def test_corrupt_file_is_named(tmp_path, folder):
     shutil.copytree(folder, root)
     with open(root / "train" / "ants" / "0.jpg", "wb") as f:
         f.write(b"\xff\xd8\xff\xe0 certainly not a jpeg")
-    tl, _, _, _ = _loaders(str(root), "device")
-    with pytest.raises(D.DataError, match="0.jpg"):
-        for _ in tl:
-            pass
+    for val in (None, 3):  # with a validation split the loader sees a Subset
+        tl, _, _, _ = D.image_folder_loaders(str(root), 4, 0, 32, 0, 1, 0, val, decode="device")
+        with pytest.raises(D.DataError, match=r"ants.0\.jpg"):
+            for _ in tl:
+                pass
 
 
 def test_paam_train_on_an_image_folder_decoding_on_the_device(tmp_path, folder):

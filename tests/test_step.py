@@ -55,6 +55,8 @@ def test_sgd_update_rejects_other_optimizers():
         sgd_update(torch.optim.Adam([p]), [torch.tensor(0.1)])
     with pytest.raises(TypeError, match="SGD"):
         TrainStep(torch.nn.Linear(2, 2), torch.optim.Adam([p]), mode="graph")
+    with pytest.raises(ValueError, match="warmup"):
+        TrainStep(torch.nn.Linear(2, 2), torch.optim.SGD([p], lr=0.1), mode="graph", warmup=0)
     with pytest.raises(ValueError, match="mode"):
         TrainStep(torch.nn.Linear(2, 2), torch.optim.SGD([p], lr=0.1), mode="cuda")
 
