@@ -41,6 +41,12 @@ GRIDS = {
         # to recover at the final width, help?
         ("paam lam=0.05 select@15%", ["--lam", "0.05", "--select-epoch", "2"]),
         ("paam lam=0.05 select@20%", ["--lam", "0.05", "--select-epoch", "3"]),
+        # the rest of the list not yet covered: λ controlled to a target, the FLOPs
+        # cost in the penalty, the scoring network's width
+        ("paam target=0.5", ["--lam", "0.05", "--target", "0.5"]),
+        ("paam lam=0.05 cost=flops", ["--lam", "0.05", "--cost", "flops"]),
+        ("paam lam=0.05 dim=8", ["--lam", "0.05", "--dim", "8"]),
+        ("paam lam=0.05 dim=64", ["--lam", "0.05", "--dim", "64"]),
     ],
 }
 
@@ -57,8 +63,12 @@ def run_grid(args) -> None:
             if (name, seed) in done or (args.only and name not in args.only):
                 continue
             out = os.path.join(args.runs, f"{name.replace(' ', '_').replace('=', '')}-s{seed}")
+            base = BASE_CPU
+            if "--target" in extra:  # the target replaces the fixed budget
+                i = base.index("--keep")
+                base = base[:i] + base[i + 2:]
             cmd = [sys.executable, "-m", "paam_fast.train", "--dataset", "cifar10", "--data",
-                   args.data, "--seed", str(seed), "--out", out, *BASE_CPU, *extra]
+                   args.data, "--seed", str(seed), "--out", out, *base, *extra]
             if os.path.exists(os.path.join(out, "ckpt.pt")):
                 cmd.append("--resume")
             t = time.time()
