@@ -17,8 +17,9 @@ import torch
 import paam_fast as pf
 from paam_fast import dispatch
 
+from ..step import TrainStep
 from .harness import timeit, write_json
-from .train_step import graphed, training_step
+from .train_step import step_warmup
 
 
 def build(arch, size, frac, dev):
@@ -36,9 +37,19 @@ def build(arch, size, frac, dev):
     return model
 
 
-def step_fn(model, batch, size, dev):
+def step_fn(model, batch, size, dev, graph: bool = False):
+    """(closure running one training step on a fixed batch, optimizer, TrainStep): the step
+    ``paam-train`` runs; on the GPU bf16 autocast, channels_last, and ``graph`` captures it."""
+    cuda = dev == "cuda"
+    if cuda:
+        model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    return training_step(model, opt, batch, size, dev), opt
+    step = TrainStep(model, opt, amp=cuda, mode="graph" if graph else "eager")
+    x = torch.randn(batch, 3, size, size, device=dev)
+    if cuda:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,), device=dev)
+    return (lambda: step(x, y)), opt, step
 
 
 def main(argv=None) -> dict:
@@ -61,25 +72,28 @@ def main(argv=None) -> dict:
                 model.paam.masks_changed()
             elif variant == "compacted":
                 pf.compact(model)
-            step, _ = step_fn(model, a.batch, a.size, dev)
             for mode in modes:
-                fn = graphed(step) if mode == "graphed" else step
+                fn, _, _ = step_fn(model, a.batch, a.size, dev, graph=mode == "graphed")
+                if mode == "graphed":
+                    for _ in range(step_warmup):  # eager warm-up steps, then the capture
+                        fn()
                 row[f"{variant}_{mode}_ms"] = timeit(fn, reps=20 if dev == "cuda" else 5)[
                     "median_ms"]
-        # one compaction event: compact in place + (GPU) re-capture of the step graph
+        # one compaction event: compact in place, then the steps until the step graph is
+        # captured again (GPU: 3 eager steps, cuDNN re-tuning, capture + replay; CPU: 1 step)
         model = build(a.arch, a.size, frac, dev)
-        step, opt = step_fn(model, a.batch, a.size, dev)
-        step()
+        fn, opt, st = step_fn(model, a.batch, a.size, dev, graph=dev == "cuda")
+        for _ in range(step_warmup if dev == "cuda" else 1):
+            fn()
         if dev == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
         pf.compact(model, opt)
-        step2, _ = step_fn(model, a.batch, a.size, dev)
+        st.reset()
+        for _ in range(step_warmup if dev == "cuda" else 1):
+            fn()
         if dev == "cuda":
-            graphed(step2)
             torch.cuda.synchronize()
-        else:
-            step2()
         row["compaction_event_s"] = time.perf_counter() - t
         res["rows"].append(row)
         print(row, flush=True)

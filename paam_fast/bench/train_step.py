@@ -3,8 +3,9 @@
     python -m paam_fast.bench.train_step --arch resnet56 --batch 128 --size 32
     python -m paam_fast.bench.train_step --arch resnet50 --batch 256 --size 224
 
-On the GPU: bf16 autocast, channels_last, synthetic data (never zeros); the graphed mode
-captures forward + backward + optimizer step in one CUDA graph.  On the CPU (labelled as such):
+On the GPU: bf16 autocast, channels_last, synthetic data (never zeros); the step is
+``paam_fast.step.TrainStep``, the one ``paam-train`` runs, and the graphed mode captures forward +
+backward + SGD update in one CUDA graph as ``--cuda-graphs`` does.  On the CPU (labelled as such):
 fp32, eager only unless --modes says otherwise.  Prints ms/step, the PAAM/dense ratio, the
 projected CIFAR epoch time (390 steps at batch 128) and writes one JSON.
 """
@@ -14,47 +15,37 @@ from __future__ import annotations
 import argparse
 
 import torch
-import torch.nn.functional as F
 
 import paam_fast as pf
 
+from ..step import TrainStep
 from .harness import backend, count_ops, timeit, write_json
 
+step_warmup = 4  # TrainStep's 3 eager steps + the capturing one
 
-def training_step(model, opt, batch: int, size: int, dev: str, lam: float = 0.0):
-    """One SGD step of ``model`` on a fixed synthetic batch (never zeros); on the GPU in bf16
-    autocast with channels_last.  ``lam`` > 0 adds PAAM's penalty."""
+
+def make_step(arch: str, batch: int, size: int, paam: bool, dev: str, graph: bool = False):
+    """A fresh model (PAAM or dense) and a closure running one training step of it on a fixed
+    synthetic batch (never zeros): :class:`paam_fast.step.TrainStep`, the step ``paam-train``
+    runs, eager or (``graph``) captured whole with the SGD update.  On the GPU in bf16 autocast
+    with channels_last.  PAAM adds its penalty with λ = 0.1."""
     cuda = dev == "cuda"
-    if cuda:
-        model.to(memory_format=torch.channels_last)
-    x = torch.randn(batch, 3, size, size, device=dev)
-    if cuda:
-        x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (batch,), device=dev)
-
-    def step():
-        with torch.autocast(dev, torch.bfloat16, enabled=cuda):
-            loss = F.cross_entropy(model(x).float(), y)
-        if lam:
-            loss = loss + lam * pf.penalty(model)
-        opt.zero_grad(set_to_none=False)
-        loss.backward()
-        opt.step()
-        return loss
-
-    return step
-
-
-def make_step(arch: str, batch: int, size: int, paam: bool, dev: str):
-    """A fresh model (PAAM or dense) and its training step."""
     torch.manual_seed(0)
     model = pf.models.get_model(arch)
     if paam:
         pf.paamify(model, input_size=(1, 3, size, size))
     model = model.to(dev)
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
     groups = pf.param_groups(model) if paam else [{"params": list(model.parameters())}]
     opt = torch.optim.SGD(groups, lr=0.01, momentum=0.9, weight_decay=1e-4)
-    return model, training_step(model, opt, batch, size, dev, lam=0.1 if paam else 0.0)
+    pruner = pf.Pruner(model, opt, epochs=10, lam=0.1) if paam else None
+    step = TrainStep(model, opt, pruner=pruner, amp=cuda, mode="graph" if graph else "eager")
+    x = torch.randn(batch, 3, size, size, device=dev)
+    if cuda:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,), device=dev)
+    return model, lambda: step(x, y)
 
 
 def graphed(step):
@@ -84,9 +75,11 @@ def run(arch, batch, size, modes, reps=None) -> dict:
         for kind in kinds:
             paam, be = KINDS[kind]
             with backend(be):
-                model, step = make_step(arch, batch, size, paam, dev)
+                model, step = make_step(arch, batch, size, paam, dev, graph=mode == "graphed")
                 if mode == "graphed":
-                    fn = graphed(step)
+                    fn = step
+                    for _ in range(step_warmup):  # eager warm-up steps, then the capture
+                        fn()
                 elif mode == "compile":
                     fn = torch.compile(step)
                     for _ in range(3):
