@@ -18,8 +18,8 @@ fi
 python -m paam_fast.info 2>&1 | tee -a "$OUT/log.txt"
 
 log "GPU tests"
-timeout 180 python -m pytest -q -x tests/test_gpu.py tests/test_masked_ext.py tests/test_scoring.py \
-  tests/test_step.py tests/test_device_decode.py \
+timeout 240 python -m pytest -q -x tests/test_gpu.py tests/test_masked_ext.py tests/test_scoring.py \
+  tests/test_step.py tests/test_device_decode.py tests/test_triton_scoring.py \
   -p no:logging 2>&1 | tail -15 | tee -a "$OUT/log.txt"
 
 if [ "$DRY" = 1 ]; then ARGS56="--batch 8"; ARGS50="--batch 2 --size 64"; else ARGS56="--batch 128"; ARGS50="--batch 256 --size 224"; fi

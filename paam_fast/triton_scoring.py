@@ -53,7 +53,7 @@ def score_units(tok: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, wv: torch
     gout, bout = _like(gamma), _like(beta)
     ss = torch.zeros(u, dtype=torch.float32, device=dev)
     bl = _blocks(dev)
-    ieee = True  # fp32 dots everywhere: the arithmetic is ~0.3% of a step; accuracy first
+    ieee = _ieee()
     K.proj_fwd_kernel[(u, triton_cdiv(max_f, bl["BLOCK_F"]))](
         tok, wq, wk, wv, alive, table, qkv, ss, DH=dh, BLOCK_F=bl["BLOCK_F"],
         BLOCK_K=bl["BLOCK_K"], BLOCK_DH=_bdh(dh), IEEE=ieee)
@@ -77,6 +77,16 @@ def _out(*shape: int, device) -> torch.Tensor:
     if os.environ.get("PAAM_FAST_POISON") == "1":
         return torch.full(shape, float("nan"), dtype=torch.float32, device=device)
     return torch.empty(shape, dtype=torch.float32, device=device)
+
+
+def _ieee() -> bool:
+    """Dot precision of the kernels: full fp32 ("ieee", the default: the arithmetic is a small
+    part of a step, accuracy first) or, with PAAM_FAST_TRITON_DOT=tf32, the tensor cores'
+    TF32 (fp32 inputs) / the inputs' own precision (bf16 models)."""
+    mode = os.environ.get("PAAM_FAST_TRITON_DOT", "ieee")
+    if mode not in ("ieee", "tf32"):
+        raise ValueError(f"PAAM_FAST_TRITON_DOT must be 'ieee' or 'tf32', got {mode!r}")
+    return mode == "ieee"
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -120,10 +130,10 @@ def score_units_backward(dg: torch.Tensor, dgout: torch.Tensor, dbout: torch.Ten
     K.attn_bwd_kernel[(u,)](
         qkv, ss, table, alive, w, b, h, lse, s, m, dg, gamma, beta, site_off, dgout, dbout,
         dgamma, dbeta, dqkv, dw, db, leak, 1.0 / math.sqrt(dh), TOKEN_EPS, DH=dh,
-        NORM_MAX=norm_max, BLOCK_F=bl["BLOCK_F"], BLOCK_DH=_bdh(dh), IEEE=True)
+        NORM_MAX=norm_max, BLOCK_F=bl["BLOCK_F"], BLOCK_DH=_bdh(dh), IEEE=_ieee())
     K.proj_bwd_kernel[(u, triton_cdiv(max_d, bl["BLOCK_K"]))](
         tok, dqkv, table, dwq, dwk, dwv, DH=dh, BLOCK_F=bl["BLOCK_F"], BLOCK_K=bl["BLOCK_K"],
-        BLOCK_DH=_bdh(dh), IEEE=True)
+        BLOCK_DH=_bdh(dh), IEEE=_ieee())
     return dwq, dwk, dwv, dw.to(w.dtype), db.to(b.dtype), dgamma, dbeta
 
 

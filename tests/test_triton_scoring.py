@@ -43,6 +43,11 @@ CASES = [
     ("grouped, several producers", lambda: pf.models.resnet20(), "grouped_cifar", 8),
     ("equal shapes batched", lambda: _chain([8, 8, 8, 8], [3, 3, 3, 3]), "internal", 32),
 ]
+if DEV == "cuda":  # ResNet50's real layer table: F up to 2048, D up to 4608 (~14k grouped)
+    import torchvision
+
+    CASES += [("resnet50", lambda: torchvision.models.resnet50(), "internal", 32),
+              ("resnet50 grouped", lambda: torchvision.models.resnet50(), "grouped", 32)]
 
 
 def _models(make, coupling, dim):
@@ -65,7 +70,8 @@ def _models(make, coupling, dim):
         net, coupling = Res(), "grouped"
     else:
         net = make()
-    pf.paamify(net, coupling=coupling, dim=dim, input_size=(1, 3, 8, 8))
+    size = 64 if "resnet" in type(net).__name__.lower() else 8
+    pf.paamify(net, coupling=coupling, dim=dim, input_size=(1, 3, size, size))
     randomize(net, seed=3)
     with torch.no_grad():  # spread the conv weights so tokens are not all alike
         for m in net.modules():
@@ -206,3 +212,22 @@ def test_dispatch_choices_and_errors(monkeypatch):
         dispatch.scoring_backend(cpu, torch.float64)
     monkeypatch.delenv("PAAM_FAST_BACKEND")
     assert dispatch.scoring_backend(cpu)[0] == "reference"
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="TF32 dots need a GPU (the interpreter computes fp32)")
+def test_tf32_dots_stay_close_to_float64(monkeypatch):
+    net = _models(CASES[-1][1], CASES[-1][2], CASES[-1][3])  # ResNet50 on the GPU
+    ref = __import__("copy").deepcopy(net).double()
+    g64, _ = _gates_and_grads(ref, torch.float64, "reference", monkeypatch)
+    monkeypatch.setenv("PAAM_FAST_TRITON_DOT", "tf32")
+    g_tf, _ = _gates_and_grads(net.to(DEV), torch.float32, "triton", monkeypatch)
+    for a, b in zip(g_tf, g64):  # TF32 keeps 10 mantissa bits: ~1e-3 relative
+        assert (a - b).abs().max() <= 1e-2 * b.abs().max() + 1e-3
+
+
+def test_dot_mode_is_checked(monkeypatch):
+    from paam_fast.triton_scoring import _ieee
+
+    monkeypatch.setenv("PAAM_FAST_TRITON_DOT", "fp8")
+    with pytest.raises(ValueError, match="PAAM_FAST_TRITON_DOT"):
+        _ieee()

@@ -11,6 +11,7 @@ kernels and times them.
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 
@@ -70,6 +71,20 @@ def _with_backend(name, fn):
     return call
 
 
+def _with_dot(mode, fn):
+    def call():
+        old = os.environ.get("PAAM_FAST_TRITON_DOT")
+        os.environ["PAAM_FAST_TRITON_DOT"] = mode
+        try:
+            return fn()
+        finally:
+            if old is None:
+                del os.environ["PAAM_FAST_TRITON_DOT"]
+            else:
+                os.environ["PAAM_FAST_TRITON_DOT"] = old
+    return call
+
+
 def run(arch: str, size: int, reps: int) -> dict:
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     model, batched, chains = setup(arch, size, dev)
@@ -79,6 +94,7 @@ def run(arch: str, size: int, reps: int) -> dict:
                 ("batched_reference", _with_backend("reference", batched))]
     if dev == "cuda":
         variants.append(("triton", _with_backend("triton", batched)))
+        variants.append(("triton_tf32", _with_dot("tf32", _with_backend("triton", batched))))
     for name, fn in variants:
         res[name] = {**count_ops(fn), "eager": timeit(fn, reps=reps)}
         if dev == "cuda":  # the whole forward+backward replayed as one CUDA graph
@@ -96,7 +112,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     r = run(args.arch, args.size, args.reps)
     print(f"{args.arch}: {r['units']} gated units in {r['shape_groups']} (F, D) groups")
-    for k in ("per_unit_chains", "batched_reference", "triton"):
+    for k in ("per_unit_chains", "batched_reference", "triton", "triton_tf32"):
         if k not in r:
             continue
         v = r[k]
