@@ -89,8 +89,14 @@ def run_grid(args) -> None:
                   flush=True)
 
 
-def summary(path: str) -> str:
-    rows = [json.loads(line) for line in open(path)]
+def summary(paths: list[str]) -> str:
+    rows, seen = [], set()
+    for path in paths:
+        for line in open(path):
+            r = json.loads(line)
+            if (r["setting"], r["seed"]) not in seen:  # a resumed finished run re-reports
+                seen.add((r["setting"], r["seed"]))
+                rows.append(r)
     by: dict[str, list] = {}
     for r in rows:
         by.setdefault(r["setting"], []).append(r)
@@ -122,8 +128,10 @@ if __name__ == "__main__":
     ap.add_argument("--runs", default="runs/search")
     ap.add_argument("--only", nargs="+", default=None, help="run only these settings")
     ap.add_argument("--summary", action="store_true")
+    ap.add_argument("--more-results", nargs="*", default=[],
+                    help="with --summary: further results files (runs of parallel drivers)")
     a = ap.parse_args()
     if a.summary:
-        print(summary(a.results))
+        print(summary([a.results, *a.more_results]))
     else:
         run_grid(a)
