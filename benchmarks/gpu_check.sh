@@ -39,12 +39,16 @@ if [ -f .data/cifar10-jpeg.tar.gz ] && [ "$left" -gt 90 ]; then
   log "CIFAR-10 comparison, $EPOCHS epochs, ${left}s left"
   python -c "from paam_fast.data import load_cifar10; load_cifar10('.data/cifar10-jpeg.tar.gz')"
   for m in dense paam slim uniform; do
-    timeout $(( left - 30 )) python -m paam_fast.train --dataset cifar10 --data .data/cifar10-jpeg.tar.gz \
+    timeout $(( left - 90 )) python -m paam_fast.train --dataset cifar10 --data .data/cifar10-jpeg.tar.gz \
       --method "$m" --epochs "$EPOCHS" --keep 0.5 --round-to 1 --quiet --out "$OUT/cifar_$m" $EXTRA \
       > "$OUT/cifar_$m.log" 2>&1 &
   done
   wait
   for m in dense paam slim uniform; do tail -1 "$OUT/cifar_$m.log" | tee -a "$OUT/log.txt"; done
+  log "inference of the pruned networks"
+  if [ "$DRY" = 1 ]; then ARCH=resnet20; IB="--batch 16"; else ARCH=resnet56; IB=""; fi
+  timeout 60 python -m paam_fast.bench.inference --arch $ARCH $IB --model "$OUT"/cifar_{paam,uniform,slim}/model.paam \
+    2>&1 | grep -v USDT | tee -a "$OUT/log.txt"
   # keep what comes back small: the reports, not the checkpoints
   for m in dense paam slim uniform; do rm -f "$OUT/cifar_$m/ckpt.pt" "$OUT/cifar_$m/model.paam"; done
 fi
