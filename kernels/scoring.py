@@ -9,7 +9,9 @@ Layout ("group-major" unit order, built once per model by ``paam_fast.triton_sco
   table  (U, 8) int64: F, D, ROW, TOK, WOFF, N_ALIVE, SITE0, NSITE
   gamma/beta  flat affine parameters of the BN sites the gates fold into (γ' = g·γ, β' = g·β):
          unit u's sites are site_off[SITE0 .. SITE0 + NSITE), each the offset of F_u values
-Scratch / outputs (fp32): qkv (R, 3·DH) raw projections, ss (U,) Σ of squared alive tokens,
+Scratch / outputs (fp32): qkv (R, 3·DH) raw projections, ss (U, NFB) Σ of squared alive tokens
+per block of BLOCK_F rows (summed in a fixed order by the attention kernels: no atomics, no
+zero-fill, the same rms on every run),
 h (R, DH) attention output, lse (R,) softmax log-normaliser, s (R,) leaky-exp scores, m (U,)
 per-unit max, g (R,) gates, gout/bout the folded γ', β' (same layout as gamma/beta).
 The rms scale r = (ss / (N_ALIVE·D) + eps)^-1/2 is applied to the
@@ -49,6 +51,14 @@ def _sites(table_ptr, u):
 
 
 @triton.jit
+def _rms_scale(ss_ptr, u, nfb, n_alive, d, eps, NFB_P2: tl.constexpr):
+    """r = (Σ x² / (N_ALIVE·D) + eps)^-1/2 of unit u, from its per-block partial sums."""
+    parts = tl.arange(0, NFB_P2)
+    ss = tl.sum(tl.load(ss_ptr + u * nfb + parts, mask=parts < nfb, other=0.0), axis=0)
+    return 1.0 / tl.sqrt(ss / (n_alive * d).to(tl.float32) + eps)
+
+
+@triton.jit
 def _dg_total(dg_ptr, gamma_ptr, beta_ptr, dgout_ptr, dbout_ptr, site_off_ptr, site0, nsite,
               row0, ri, imask):
     """dL/dg of rows ri: the gates' own gradient plus, through every site's fold,
@@ -68,12 +78,15 @@ def _dg_total(dg_ptr, gamma_ptr, beta_ptr, dgout_ptr, dbout_ptr, site_off_ptr, s
 def proj_fwd_kernel(tok_ptr, wq_ptr, wk_ptr, wv_ptr, alive_ptr, table_ptr, qkv_ptr, ss_ptr,
                     DH: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr,
                     BLOCK_DH: tl.constexpr, IEEE: tl.constexpr):
-    """Grid (U, ceil(max F / BLOCK_F)): raw Q, K, V of BLOCK_F rows of unit u, and their
-    contribution to Σ x² over alive rows (atomic add into ss[u])."""
+    """Grid (U, NFB = ceil(max F / BLOCK_F)): raw Q, K, V of BLOCK_F rows of unit u, and their
+    Σ x² over alive rows into ss[u, fb] (0 for blocks past the unit's F)."""
     u = tl.program_id(0)
     fb = tl.program_id(1)
+    nfb = tl.num_programs(1)
     f, d, row0, toff, woff, n_alive = _unit(table_ptr, u)
-    if fb * BLOCK_F < f:
+    if fb * BLOCK_F >= f:
+        tl.store(ss_ptr + u * nfb + fb, 0.0)
+    else:
         rows = fb * BLOCK_F + tl.arange(0, BLOCK_F)
         rmask = rows < f
         cols = tl.arange(0, BLOCK_DH)
@@ -103,7 +116,7 @@ def proj_fwd_kernel(tok_ptr, wq_ptr, wk_ptr, wv_ptr, alive_ptr, table_ptr, qkv_p
                 acck += tl.dot(x, wk.to(x.dtype))
                 accv += tl.dot(x, wv.to(x.dtype))
         alive = tl.load(alive_ptr + row0 + rows, mask=rmask, other=0)
-        tl.atomic_add(ss_ptr + u, tl.sum(tl.where(alive != 0, sq, 0.0), axis=0))
+        tl.store(ss_ptr + u * nfb + fb, tl.sum(tl.where(alive != 0, sq, 0.0), axis=0))
         out = qkv_ptr + (row0 + rows[:, None]).to(tl.int64) * (3 * DH) + cols[None, :]
         omask = rmask[:, None] & cmask[None, :]
         tl.store(out, accq, mask=omask)
@@ -114,13 +127,14 @@ def proj_fwd_kernel(tok_ptr, wq_ptr, wk_ptr, wv_ptr, alive_ptr, table_ptr, qkv_p
 @triton.jit
 def attn_fwd_kernel(qkv_ptr, ss_ptr, table_ptr, alive_ptr, w_ptr, b_ptr, h_ptr, lse_ptr, s_ptr,
                     m_ptr, g_ptr, gamma_ptr, beta_ptr, site_off_ptr, gout_ptr, bout_ptr, leak,
-                    scale, eps, DH: tl.constexpr, NORM_MAX: tl.constexpr,
-                    BLOCK_F: tl.constexpr, BLOCK_DH: tl.constexpr, IEEE: tl.constexpr):
+                    scale, eps, nfb, DH: tl.constexpr, NORM_MAX: tl.constexpr,
+                    BLOCK_F: tl.constexpr, BLOCK_DH: tl.constexpr, IEEE: tl.constexpr,
+                    NFB_P2: tl.constexpr):
     """Grid (U,): attention over the unit's alive filters, head, leaky-exp, max, gate, and the
     gate folded into every site's BN affine (γ' = g·γ, β' = g·β)."""
     u = tl.program_id(0)
     f, d, row0, toff, woff, n_alive = _unit(table_ptr, u)
-    r = 1.0 / tl.sqrt(tl.load(ss_ptr + u) / (n_alive * d).to(tl.float32) + eps)
+    r = _rms_scale(ss_ptr, u, nfb, n_alive, d, eps, NFB_P2)
     cols = tl.arange(0, BLOCK_DH)
     cmask = cols < DH
     wh = tl.load(w_ptr + u * DH + cols, mask=cmask, other=0.0).to(tl.float32)
@@ -188,15 +202,15 @@ def attn_fwd_kernel(qkv_ptr, ss_ptr, table_ptr, alive_ptr, w_ptr, b_ptr, h_ptr, 
 @triton.jit
 def attn_bwd_kernel(qkv_ptr, ss_ptr, table_ptr, alive_ptr, w_ptr, b_ptr, h_ptr, lse_ptr, s_ptr,
                     m_ptr, dg_ptr, gamma_ptr, beta_ptr, site_off_ptr, dgout_ptr, dbout_ptr,
-                    dgamma_ptr, dbeta_ptr, dqkv_ptr, dw_ptr, db_ptr, leak, scale, eps,
+                    dgamma_ptr, dbeta_ptr, dqkv_ptr, dw_ptr, db_ptr, leak, scale, eps, nfb,
                     DH: tl.constexpr, NORM_MAX: tl.constexpr, BLOCK_F: tl.constexpr,
-                    BLOCK_DH: tl.constexpr, IEEE: tl.constexpr):
+                    BLOCK_DH: tl.constexpr, IEEE: tl.constexpr, NFB_P2: tl.constexpr):
     """Grid (U,): from dg (and the folded affines' gradients dγ', dβ') to the raw projections'
     gradients dqkv (= r·dQ, r·dK, r·dV; dqkv must be zero on entry: dK and dV accumulate over
     query blocks), dw, db, and the sites' dγ = g·dγ', dβ = g·dβ'."""
     u = tl.program_id(0)
     f, d, row0, toff, woff, n_alive = _unit(table_ptr, u)
-    r = 1.0 / tl.sqrt(tl.load(ss_ptr + u) / (n_alive * d).to(tl.float32) + eps)
+    r = _rms_scale(ss_ptr, u, nfb, n_alive, d, eps, NFB_P2)
     cols = tl.arange(0, BLOCK_DH)
     cmask = cols < DH
     wh = tl.load(w_ptr + u * DH + cols, mask=cmask, other=0.0).to(tl.float32)

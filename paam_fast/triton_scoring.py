@@ -1,10 +1,11 @@
 """The fused Triton scoring path: registered ops around ``kernels/scoring.py``, with fake
 implementations (torch.compile) and autograd, and the per-model unit table.
 
-Forward: one ``torch.cat`` of the tokens, ``proj_fwd_kernel`` and ``attn_fwd_kernel``, which
-also writes the gated BN affines γ' = g·γ, β' = g·β of every site (fresh tensors, never the
-Parameters).  Backward: one zero-fill, ``attn_bwd_kernel`` (which adds the folds' γ·dγ' + β·dβ'
-to dg and writes dγ = g·dγ', dβ = g·dβ') and ``proj_bwd_kernel``.  The reference is
+Forward: a ``torch.cat`` of the tokens and one of every trainable input, ``proj_fwd_kernel``
+and ``attn_fwd_kernel``, which also writes the gated BN affines γ' = g·γ, β' = g·β of every site
+(fresh tensors, never the Parameters).  Backward: one zero-fill, ``attn_bwd_kernel`` (which adds
+the folds' γ·dγ' + β·dβ' to dg and writes dγ = g·dγ', dβ = g·dβ') and ``proj_bwd_kernel``.
+The reference is
 ``paam_fast.scoring.score_batched``; the choice between them is made in ``paam_fast.dispatch``.
 """
 
@@ -28,7 +29,12 @@ def _blocks(device: torch.device) -> dict:
 
 
 def _bdh(dh: int) -> int:
-    return max(16, 1 << (dh - 1).bit_length())
+    return max(16, _p2(dh))
+
+
+def _p2(n: int) -> int:
+    """The smallest power of two ≥ n (a Triton block size)."""
+    return 1 << max(0, (n - 1).bit_length())
 
 
 @torch.library.custom_op("paam_fast::score_units", mutates_args=())
@@ -40,7 +46,7 @@ def score_units(tok: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, wv: torch
                            torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gates of every unit. tok (T,), wq/wk/wv (W,), w (U, DH), b (U,), gamma/beta (S,) the
     sites' flat BN affines, alive (R,) int8, table (U, 8) int64, site_off (sites,) int64.
-    Returns g (R,) fp32, the folded γ', β' (S,) and the saved state qkv (R, 3·DH), ss (U,),
+    Returns g (R,) fp32, the folded γ', β' (S,) and the saved state qkv (R, 3·DH), ss (U, NFB),
     h (R, DH), lse (R,), s (R,), m (U,)."""
     from paam_fast.kernels import scoring as K
 
@@ -51,16 +57,17 @@ def score_units(tok: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, wv: torch
     lse, s, g = _out(r, device=dev), _out(r, device=dev), _out(r, device=dev)
     m = _out(u, device=dev)
     gout, bout = _like(gamma), _like(beta)
-    ss = torch.zeros(u, dtype=torch.float32, device=dev)
     bl = _blocks(dev)
+    nfb = triton_cdiv(max_f, bl["BLOCK_F"])
+    ss = _out(u, nfb, device=dev)  # every element written by proj_fwd_kernel
     ieee = _ieee()
-    K.proj_fwd_kernel[(u, triton_cdiv(max_f, bl["BLOCK_F"]))](
+    K.proj_fwd_kernel[(u, nfb)](
         tok, wq, wk, wv, alive, table, qkv, ss, DH=dh, BLOCK_F=bl["BLOCK_F"],
         BLOCK_K=bl["BLOCK_K"], BLOCK_DH=_bdh(dh), IEEE=ieee)
     K.attn_fwd_kernel[(u,)](
         qkv, ss, table, alive, w, b, h, lse, s, m, g, gamma, beta, site_off, gout, bout, leak,
-        1.0 / math.sqrt(dh), TOKEN_EPS, DH=dh, NORM_MAX=norm_max, BLOCK_F=bl["BLOCK_F"],
-        BLOCK_DH=_bdh(dh), IEEE=ieee)
+        1.0 / math.sqrt(dh), TOKEN_EPS, nfb, DH=dh, NORM_MAX=norm_max, BLOCK_F=bl["BLOCK_F"],
+        BLOCK_DH=_bdh(dh), IEEE=ieee, NFB_P2=_p2(nfb))
     return g, gout, bout, qkv, ss, h, lse, s, m
 
 
@@ -99,8 +106,9 @@ def _(tok, wq, wk, wv, w, b, gamma, beta, alive, table, site_off, max_f, max_d, 
     u, dh = w.shape
     r = alive.shape[0]
     new = lambda *s: tok.new_empty(s, dtype=torch.float32)
-    return (new(r), torch.empty_like(gamma), torch.empty_like(beta), new(r, 3 * dh), new(u),
-            new(r, dh), new(r), new(r), new(u))
+    nfb = triton_cdiv(max_f, _blocks(tok.device)["BLOCK_F"])
+    return (new(r), torch.empty_like(gamma), torch.empty_like(beta), new(r, 3 * dh),
+            new(u, nfb), new(r, dh), new(r), new(r), new(u))
 
 
 @torch.library.custom_op("paam_fast::score_units_backward", mutates_args=())
@@ -129,8 +137,9 @@ def score_units_backward(dg: torch.Tensor, dgout: torch.Tensor, dbout: torch.Ten
     bl = _blocks(dev)
     K.attn_bwd_kernel[(u,)](
         qkv, ss, table, alive, w, b, h, lse, s, m, dg, gamma, beta, site_off, dgout, dbout,
-        dgamma, dbeta, dqkv, dw, db, leak, 1.0 / math.sqrt(dh), TOKEN_EPS, DH=dh,
-        NORM_MAX=norm_max, BLOCK_F=bl["BLOCK_F"], BLOCK_DH=_bdh(dh), IEEE=_ieee())
+        dgamma, dbeta, dqkv, dw, db, leak, 1.0 / math.sqrt(dh), TOKEN_EPS, ss.shape[1], DH=dh,
+        NORM_MAX=norm_max, BLOCK_F=bl["BLOCK_F"], BLOCK_DH=_bdh(dh), IEEE=_ieee(),
+        NFB_P2=_p2(ss.shape[1]))
     K.proj_bwd_kernel[(u, triton_cdiv(max_d, bl["BLOCK_K"]))](
         tok, dqkv, table, dwq, dwk, dwv, DH=dh, BLOCK_F=bl["BLOCK_F"], BLOCK_K=bl["BLOCK_K"],
         BLOCK_DH=_bdh(dh), IEEE=_ieee())
