@@ -1,5 +1,5 @@
 """Fused Triton kernels of the scoring network (PAAM_METHOD.md §3), for every unit of a model at
-once: two launches forward, two (plus one zero-fill) backward, whatever the depth.
+once: two launches forward, two backward, whatever the depth, and no buffer to zero-fill.
 
 Layout ("group-major" unit order, built once per model by ``paam_fast.triton_scoring``):
   tok    flat tokens: unit u's (F_u, D_u) raw filter matrix, row-major, at table[u, TOK]
@@ -206,7 +206,7 @@ def attn_bwd_kernel(qkv_ptr, ss_ptr, table_ptr, alive_ptr, w_ptr, b_ptr, h_ptr, 
                     DH: tl.constexpr, NORM_MAX: tl.constexpr, BLOCK_F: tl.constexpr,
                     BLOCK_DH: tl.constexpr, IEEE: tl.constexpr, NFB_P2: tl.constexpr):
     """Grid (U,): from dg (and the folded affines' gradients dγ', dβ') to the raw projections'
-    gradients dqkv (= r·dQ, r·dK, r·dV; dqkv must be zero on entry: dK and dV accumulate over
+    gradients dqkv (= r·dQ, r·dK, r·dV, every element written: dK and dV accumulate over
     query blocks), dw, db, and the sites' dγ = g·dγ', dβ = g·dβ'."""
     u = tl.program_id(0)
     f, d, row0, toff, woff, n_alive = _unit(table_ptr, u)
@@ -290,8 +290,10 @@ def attn_bwd_kernel(qkv_ptr, ss_ptr, table_ptr, alive_ptr, w_ptr, b_ptr, h_ptr, 
                 dk = tl.dot(tl.trans(dsij), q) * scale
                 dv = tl.dot(tl.trans(p), dh)
             # this program owns unit u: read-modify-write of its dK, dV rows without atomics
-            dk_old = tl.load(dqkv_ptr + krow + DH, mask=kvmask, other=0.0)
-            dv_old = tl.load(dqkv_ptr + krow + 2 * DH, mask=kvmask, other=0.0)
+            # the first query block initialises dK, dV (no zero-filled buffer needed)
+            acc_mask = kvmask & (i0 > 0)
+            dk_old = tl.load(dqkv_ptr + krow + DH, mask=acc_mask, other=0.0)
+            dv_old = tl.load(dqkv_ptr + krow + 2 * DH, mask=acc_mask, other=0.0)
             tl.store(dqkv_ptr + krow + DH, dk_old + dk * r, mask=kvmask)
             tl.store(dqkv_ptr + krow + 2 * DH, dv_old + dv * r, mask=kvmask)
             tl.debug_barrier()

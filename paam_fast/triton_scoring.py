@@ -3,10 +3,10 @@ implementations (torch.compile) and autograd, and the per-model unit table.
 
 Forward: a ``torch.cat`` of the tokens and one of every trainable input, ``proj_fwd_kernel``
 and ``attn_fwd_kernel``, which also writes the gated BN affines γ' = g·γ, β' = g·β of every site
-(fresh tensors, never the Parameters).  Backward: one zero-fill, ``attn_bwd_kernel`` (which adds
-the folds' γ·dγ' + β·dβ' to dg and writes dγ = g·dγ', dβ = g·dβ') and ``proj_bwd_kernel``.
-The reference is
-``paam_fast.scoring.score_batched``; the choice between them is made in ``paam_fast.dispatch``.
+(fresh tensors, never the Parameters).  Backward: ``attn_bwd_kernel`` (which adds the folds'
+γ·dγ' + β·dβ' to dg and writes dγ = g·dγ', dβ = g·dβ') and ``proj_bwd_kernel``; no buffer needs
+zero-filling.  The reference is ``paam_fast.scoring.score_batched``; the choice between them is
+made in ``paam_fast.dispatch``.
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ def score_units_backward(dg: torch.Tensor, dgout: torch.Tensor, dbout: torch.Ten
     dev = tok.device
     # the gradient of a sum() arrives expanded (stride 0): the kernels index flat memory
     dg, dgout, dbout = dg.contiguous().float(), dgout.contiguous(), dbout.contiguous()
-    dqkv = torch.zeros_like(qkv)
+    dqkv = _out(*qkv.shape, device=dev)  # attn_bwd_kernel writes every element
     dw, db = _out(u, dh, device=dev), _out(u, device=dev)
     dgamma, dbeta = _like(gamma), _like(beta)
     # proj_bwd_kernel writes every element of dWq/dWk/dWv (no zero-fill; poisoned in tests)
