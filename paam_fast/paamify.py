@@ -414,8 +414,11 @@ def penalty(model: nn.Module, cost: str = "uniform") -> torch.Tensor:
     if ctrl._last.value is None:
         raise RuntimeError("no scores yet: run a forward pass of the model first")
     _, den, vec = ctrl.penalty_weights(cost)
-    # one flat dot product for all units (dead filters have g = 0)
-    g = torch.cat([x.reshape(-1) for x in ctrl._last.value]).float()
+    # one flat dot product for all units (dead filters have g = 0); the Triton path hands the
+    # flat gates over as they are (triton_scoring.FlatGates)
+    flat = getattr(ctrl._last.value, "flat", None)
+    g = (flat if flat is not None else torch.cat([x.reshape(-1) for x in ctrl._last.value]))
+    g = g.float()
     return (g * vec).sum() / max(den, 1e-30)
 
 

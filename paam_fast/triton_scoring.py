@@ -219,6 +219,14 @@ class UnitTable:
 score_units.register_autograd(_backward, setup_context=_setup)
 
 
+class FlatGates(list):
+    """The (G, F) gates of every shape group, views of one flat tensor ``flat`` (group-major,
+    as ``torch.cat`` of the views would be).  The penalty reads ``flat``: a gradient through
+    the views instead would zero-fill a buffer of the flat size once per group."""
+
+    flat: torch.Tensor
+
+
 def score_all(ctrl) -> tuple[list[torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """Gates of every unit of ``ctrl``'s model, as (G, F) per shape group (fp32), and the
     folded (γ', β') of every BN site in ``ctrl._fold_sites``, by site name."""
@@ -243,11 +251,12 @@ def score_all(ctrl) -> tuple[list[torch.Tensor], dict[str, tuple[torch.Tensor, t
     g, gout, bout = score_units(tok, wq, wk, wv, w, b, gamma, beta, tab.alive, tab.table,
                                 tab.site_off, tab.max_f, tab.max_d, ctrl.leak,
                                 ctrl.normalize == "max")[:3]
-    out, row = [], 0
+    out, row = FlatGates(), 0
     for idx in ctrl.group_units:
         n, f = len(idx), ctrl.units[idx[0]].width
         out.append(g[row:row + n * f].view(n, f))
         row += n * f
+    out.flat = g
     sizes = [m.weight.shape[0] for m in mods]
     folds = {n: (gw, bw) for n, gw, bw in zip(tab.sites, gout.split(sizes), bout.split(sizes))}
     return out, folds
