@@ -37,26 +37,35 @@ def _p2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def _split(params: torch.Tensor, sizes: list[int], units: int):
+    """The views wq, wk, wv (W,), w (U, DH), b (U,), gamma, beta (S,) of the flat inputs."""
+    wq, wk, wv, w, b, gamma, beta = params.split(sizes)
+    return wq, wk, wv, w.view(units, -1), b, gamma, beta
+
+
 @torch.library.custom_op("paam_fast::score_units", mutates_args=())
-def score_units(tok: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor,
-                w: torch.Tensor, b: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
-                alive: torch.Tensor, table: torch.Tensor, site_off: torch.Tensor,
-                max_f: int, max_d: int, leak: float, norm_max: bool
+def score_units(tok: torch.Tensor, params: torch.Tensor, alive: torch.Tensor,
+                table: torch.Tensor, site_off: torch.Tensor, sizes: list[int], max_f: int,
+                max_d: int, leak: float, norm_max: bool
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                           torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gates of every unit. tok (T,), wq/wk/wv (W,), w (U, DH), b (U,), gamma/beta (S,) the
-    sites' flat BN affines, alive (R,) int8, table (U, 8) int64, site_off (sites,) int64.
-    Returns g (R,) fp32, the folded γ', β' (S,) and the saved state qkv (R, 3·DH), ss (U, NFB),
-    h (R, DH), lse (R,), s (R,), m (U,)."""
+                           torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gates of every unit. tok (T,) the tokens; params the trainable inputs in one flat
+    tensor: wq, wk, wv (W,), w (U·DH,), b (U,), and the sites' BN affines gamma, beta (S,),
+    of the lengths ``sizes``; alive (R,) int8, table (U, 8) int64, site_off (sites,) int64.
+    Returns g (R,) fp32, the folded affines γ' then β' in one (2·S,) tensor, and the saved
+    state qkv (R, 3·DH), ss (U, NFB), h (R, DH), lse (R,), s (R,), m (U,)."""
     from paam_fast.kernels import scoring as K
 
-    u, dh = w.shape
+    u = table.shape[0]
+    wq, wk, wv, w, b, gamma, beta = _split(params, sizes, u)
+    dh = w.shape[1]
     r = alive.numel()
     dev = tok.device
     qkv, h = _out(r, 3 * dh, device=dev), _out(r, dh, device=dev)
     lse, s, g = _out(r, device=dev), _out(r, device=dev), _out(r, device=dev)
     m = _out(u, device=dev)
-    gout, bout = _like(gamma), _like(beta)
+    gb = _like(params.new_empty(2 * gamma.numel()))
+    gout, bout = gb.split(gamma.numel())
     bl = _blocks(dev)
     nfb = triton_cdiv(max_f, bl["BLOCK_F"])
     ss = _out(u, nfb, device=dev)  # every element written by proj_fwd_kernel
@@ -68,7 +77,7 @@ def score_units(tok: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, wv: torch
         qkv, ss, table, alive, w, b, h, lse, s, m, g, gamma, beta, site_off, gout, bout, leak,
         1.0 / math.sqrt(dh), TOKEN_EPS, nfb, DH=dh, NORM_MAX=norm_max, BLOCK_F=bl["BLOCK_F"],
         BLOCK_DH=_bdh(dh), IEEE=ieee, NFB_P2=_p2(nfb))
-    return g, gout, bout, qkv, ss, h, lse, s, m
+    return g, gb, qkv, ss, h, lse, s, m
 
 
 def _like(t: torch.Tensor) -> torch.Tensor:
@@ -101,39 +110,39 @@ def triton_cdiv(a: int, b: int) -> int:
 
 
 @score_units.register_fake
-def _(tok, wq, wk, wv, w, b, gamma, beta, alive, table, site_off, max_f, max_d, leak,
-      norm_max):
-    u, dh = w.shape
+def _(tok, params, alive, table, site_off, sizes, max_f, max_d, leak, norm_max):
+    u = table.shape[0]
+    dh = sizes[3] // u
     r = alive.shape[0]
     new = lambda *s: tok.new_empty(s, dtype=torch.float32)
     nfb = triton_cdiv(max_f, _blocks(tok.device)["BLOCK_F"])
-    return (new(r), torch.empty_like(gamma), torch.empty_like(beta), new(r, 3 * dh),
-            new(u, nfb), new(r, dh), new(r), new(r), new(u))
+    return (new(r), params.new_empty(2 * sizes[5]), new(r, 3 * dh), new(u, nfb), new(r, dh),
+            new(r), new(r), new(u))
 
 
 @torch.library.custom_op("paam_fast::score_units_backward", mutates_args=())
-def score_units_backward(dg: torch.Tensor, dgout: torch.Tensor, dbout: torch.Tensor,
-                         tok: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
-                         gamma: torch.Tensor, beta: torch.Tensor, alive: torch.Tensor,
-                         table: torch.Tensor, site_off: torch.Tensor, qkv: torch.Tensor,
-                         ss: torch.Tensor, h: torch.Tensor, lse: torch.Tensor, s: torch.Tensor,
-                         m: torch.Tensor, n_w: int, max_f: int, max_d: int, leak: float,
-                         norm_max: bool
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                    torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients (dwq, dwk, dwv (n_w,), dw (U, DH), db (U,), dgamma, dbeta (S,)) from dg (R,)
-    and the folded affines' dgout, dbout (S,)."""
+def score_units_backward(dg: torch.Tensor, dgb: torch.Tensor, tok: torch.Tensor,
+                         params: torch.Tensor, alive: torch.Tensor, table: torch.Tensor,
+                         site_off: torch.Tensor, qkv: torch.Tensor, ss: torch.Tensor,
+                         h: torch.Tensor, lse: torch.Tensor, s: torch.Tensor, m: torch.Tensor,
+                         sizes: list[int], max_f: int, max_d: int, leak: float, norm_max: bool
+                         ) -> torch.Tensor:
+    """The gradient of the flat ``params`` (one tensor, laid out as they are) from dg (R,) and
+    the folded affines' dgb (2·S,)."""
     from paam_fast.kernels import scoring as K
 
-    u, dh = w.shape
+    u = table.shape[0]
+    _, _, _, w, b, gamma, beta = _split(params, sizes, u)
+    dh = w.shape[1]
     dev = tok.device
     # the gradient of a sum() arrives expanded (stride 0): the kernels index flat memory
-    dg, dgout, dbout = dg.contiguous().float(), dgout.contiguous(), dbout.contiguous()
+    dg, dgb = dg.contiguous().float(), dgb.contiguous()
+    dgout, dbout = dgb.split(gamma.numel())
     dqkv = _out(*qkv.shape, device=dev)  # attn_bwd_kernel writes every element
-    dw, db = _out(u, dh, device=dev), _out(u, device=dev)
-    dgamma, dbeta = _like(gamma), _like(beta)
-    # proj_bwd_kernel writes every element of dWq/dWk/dWv (no zero-fill; poisoned in tests)
-    dwq, dwk, dwv = (_out(n_w, device=dev) for _ in range(3))
+    # every element of the fp32 gradient is written by one of the two kernels (poisoned in
+    # tests): no zero-fill; one cast at the end where the parameters are not fp32
+    dflat = _out(params.numel(), device=dev)
+    dwq, dwk, dwv, dw, db, dgamma, dbeta = _split(dflat, sizes, u)
     bl = _blocks(dev)
     K.attn_bwd_kernel[(u,)](
         qkv, ss, table, alive, w, b, h, lse, s, m, dg, gamma, beta, site_off, dgout, dbout,
@@ -143,36 +152,32 @@ def score_units_backward(dg: torch.Tensor, dgout: torch.Tensor, dbout: torch.Ten
     K.proj_bwd_kernel[(u, triton_cdiv(max_d, bl["BLOCK_K"]))](
         tok, dqkv, table, dwq, dwk, dwv, DH=dh, BLOCK_F=bl["BLOCK_F"], BLOCK_K=bl["BLOCK_K"],
         BLOCK_DH=_bdh(dh), IEEE=_ieee())
-    return dwq, dwk, dwv, dw.to(w.dtype), db.to(b.dtype), dgamma, dbeta
+    return dflat.to(params.dtype)
 
 
 @score_units_backward.register_fake
-def _(dg, dgout, dbout, tok, w, b, gamma, beta, alive, table, site_off, qkv, ss, h, lse, s, m,
-      n_w, max_f, max_d, leak, norm_max):
-    u, dh = w.shape
-    f32 = lambda *sh: tok.new_empty(sh, dtype=torch.float32)
-    return (f32(n_w), f32(n_w), f32(n_w), w.new_empty(u, dh), b.new_empty(u),
-            torch.empty_like(gamma), torch.empty_like(beta))
+def _(dg, dgb, tok, params, alive, table, site_off, qkv, ss, h, lse, s, m, sizes, max_f, max_d,
+      leak, norm_max):
+    return torch.empty_like(params)
 
 
 def _setup(ctx, inputs, output):
-    tok, wq, wk, wv, w, b, gamma, beta, alive, table, site_off, max_f, max_d, leak, \
-        norm_max = inputs
-    g, gout, bout, qkv, ss, h, lse, s, m = output
-    ctx.save_for_backward(tok, w, b, gamma, beta, alive, table, site_off, qkv, ss, h, lse, s, m)
-    ctx.cfg = (wq.numel(), max_f, max_d, leak, norm_max, wq.dtype)
+    tok, params, alive, table, site_off, sizes, max_f, max_d, leak, norm_max = inputs
+    g, gb, qkv, ss, h, lse, s, m = output
+    ctx.save_for_backward(tok, params, alive, table, site_off, qkv, ss, h, lse, s, m)
+    ctx.cfg = (list(sizes), max_f, max_d, leak, norm_max)
 
 
-def _backward(ctx, dg, dgout, dbout, *_unused):
-    tok, w, b, gamma, beta, alive, table, site_off, qkv, ss, h, lse, s, m = ctx.saved_tensors
-    n_w, max_f, max_d, leak, norm_max, wdtype = ctx.cfg
-    zero = lambda t, like: torch.zeros_like(like) if t is None else t
-    dwq, dwk, dwv, dw, db, dgamma, dbeta = score_units_backward(
-        zero(dg, s), zero(dgout, gamma), zero(dbout, beta), tok, w, b, gamma, beta, alive,
-        table, site_off, qkv, ss, h, lse, s, m, n_w, max_f, max_d, leak, norm_max)
-    cast = lambda t: t.to(wdtype)
-    return (None, cast(dwq), cast(dwk), cast(dwv), dw, db, dgamma, dbeta, None, None, None,
-            None, None, None, None)
+def _backward(ctx, dg, dgb, *_unused):
+    tok, params, alive, table, site_off, qkv, ss, h, lse, s, m = ctx.saved_tensors
+    sizes, max_f, max_d, leak, norm_max = ctx.cfg
+    if dg is None:
+        dg = torch.zeros_like(s)
+    if dgb is None:
+        dgb = params.new_zeros(2 * sizes[5])
+    dparams = score_units_backward(dg, dgb, tok, params, alive, table, site_off, qkv, ss, h,
+                                   lse, s, m, sizes, max_f, max_d, leak, norm_max)
+    return None, dparams, None, None, None, None, None, None, None, None
 
 
 class UnitTable:
@@ -246,18 +251,18 @@ def score_all(ctrl) -> tuple[list[torch.Tensor], dict[str, tuple[torch.Tensor, t
         dummy = ctrl.groups[0].b.new_zeros(1)
         kinds[5], kinds[6] = [dummy], [dummy]
     flat = torch.cat([t.reshape(-1) for ts in kinds for t in ts])
-    wq, wk, wv, w, b, gamma, beta = flat.split([sum(t.numel() for t in ts) for ts in kinds])
-    w = w.view(-1, ctrl.dim)
-    g, gout, bout = score_units(tok, wq, wk, wv, w, b, gamma, beta, tab.alive, tab.table,
-                                tab.site_off, tab.max_f, tab.max_d, ctrl.leak,
-                                ctrl.normalize == "max")[:3]
+    sizes = [sum(t.numel() for t in ts) for ts in kinds]
+    g, gb = score_units(tok, flat, tab.alive, tab.table, tab.site_off, sizes, tab.max_f,
+                        tab.max_d, ctrl.leak, ctrl.normalize == "max")[:2]
     out, row = FlatGates(), 0
     for idx in ctrl.group_units:
         n, f = len(idx), ctrl.units[idx[0]].width
         out.append(g[row:row + n * f].view(n, f))
         row += n * f
     out.flat = g
-    sizes = [m.weight.shape[0] for m in mods]
-    folds = {n: (gw, bw) for n, gw, bw in zip(tab.sites, gout.split(sizes), bout.split(sizes))}
+    # one split of γ'‖β' into the sites' views: its backward is one cat
+    per_site = [m.weight.shape[0] for m in mods]
+    views = gb.split(per_site * 2) if mods else []
+    folds = {n: (views[k], views[len(mods) + k]) for k, n in enumerate(tab.sites)}
     return out, folds
 

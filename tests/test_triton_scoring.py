@@ -175,16 +175,14 @@ def test_registered_op_passes_opcheck_and_compiles(monkeypatch):
     ctrl = net.paam
     tab = UnitTable(ctrl)
     tok = torch.cat([ctrl.tokens(i).reshape(-1) for i in tab.order]).float()
-    wq = torch.cat([g.wq.detach().reshape(-1) for g in ctrl.groups]).requires_grad_()
-    wk = torch.cat([g.wk.detach().reshape(-1) for g in ctrl.groups]).requires_grad_()
-    wv = torch.cat([g.wv.detach().reshape(-1) for g in ctrl.groups]).requires_grad_()
-    w = torch.cat([g.w.detach() for g in ctrl.groups]).requires_grad_()
-    b = torch.cat([g.b.detach() for g in ctrl.groups]).requires_grad_()
     mods = [ctrl._mods[n] for n in tab.sites]
-    gamma = torch.cat([m.weight.detach() for m in mods]).requires_grad_()
-    beta = torch.cat([m.bias.detach() for m in mods]).requires_grad_()
-    args = (tok, wq, wk, wv, w, b, gamma, beta, tab.alive, tab.table, tab.site_off, tab.max_f,
-            tab.max_d, 0.01, True)
+    kinds = [[g.wq for g in ctrl.groups], [g.wk for g in ctrl.groups],
+             [g.wv for g in ctrl.groups], [g.w for g in ctrl.groups], [g.b for g in ctrl.groups],
+             [m.weight for m in mods], [m.bias for m in mods]]
+    flat = torch.cat([t.detach().reshape(-1) for ts in kinds for t in ts]).requires_grad_()
+    sizes = [sum(t.numel() for t in ts) for ts in kinds]
+    args = (tok, flat, tab.alive, tab.table, tab.site_off, sizes, tab.max_f, tab.max_d, 0.01,
+            True)
     torch.library.opcheck(torch.ops.paam_fast.score_units.default, args,
                           test_utils=("test_schema", "test_faketensor",
                                       "test_autograd_registration"))
