@@ -516,14 +516,20 @@ def compact(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) ->
     return {u.name: len(ctrl.kept[u.id]) for u in ctrl.units}
 
 
-def param_groups(model: nn.Module, weight_decay: float = 1e-4) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float = 1e-4,
+                 score_lr: float | None = None) -> list[dict]:
     """Optimizer param groups of §6: the network with ``weight_decay``, the scoring networks
-    without (their group is named "paam" and stays, empty, after compaction)."""
+    without (their group is named "paam" and stays, empty, after compaction).  ``score_lr``:
+    a learning rate of their own for the scoring networks (default: the optimizer's)."""
     ctrl = controller(model)
     an = {id(p) for p in ctrl.parameters()}
     net = [p for p in model.parameters() if id(p) not in an]
-    return [{"params": net, "weight_decay": weight_decay, "name": "net"},
-            {"params": list(ctrl.parameters()), "weight_decay": 0.0, "name": "paam"}]
+    paam = {"params": list(ctrl.parameters()), "weight_decay": 0.0, "name": "paam"}
+    if score_lr is not None:
+        if not (isinstance(score_lr, (int, float)) and score_lr > 0 and math.isfinite(score_lr)):
+            raise ValueError(f"score_lr must be a positive number, got {score_lr!r}")
+        paam["lr"] = float(score_lr)
+    return [{"params": net, "weight_decay": weight_decay, "name": "net"}, paam]
 
 
 

@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--lr", type=float, default=None, help="peak learning rate (recipe), SGD momentum 0.9")
     a("--weight-decay", type=float, default=None, help="weight decay of the network (recipe); "
       "none on the scoring networks")
+    a("--score-lr-scale", type=float, default=1.0, help="the scoring networks' learning rate as a "
+      "multiple of --lr (same schedule)")
     a("--schedule", default="step", choices=["step", "cosine"],
       help="step: ×0.1 at the recipe's milestones scaled to --epochs; cosine: to 0")
     a("--lam", type=float, default=None, help=f"λ, the penalty coefficient (paam default "
@@ -187,6 +189,9 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     args.round_to = args.round_to or r.round_to
     if args.epochs < 1 or args.batch_size < 1:
         raise UsageError("--epochs and --batch-size must be positive")
+    if not (args.score_lr_scale > 0 and math.isfinite(args.score_lr_scale)):
+        raise UsageError(f"--score-lr-scale must be a positive number, got "
+                         f"{args.score_lr_scale}")
     if args.keep is not None and not (0 < args.keep <= 1):
         raise UsageError(f"--keep must be a fraction in (0, 1], got {args.keep}")
     if args.lam is None:
@@ -424,7 +429,9 @@ class Run:
     def _groups(self):
         wd = self.args.weight_decay
         if self.gated:
-            return param_groups(self.model, weight_decay=wd)
+            scale = self.args.score_lr_scale
+            return param_groups(self.model, weight_decay=wd,
+                                score_lr=None if scale == 1.0 else self.args.lr * scale)
         return [{"params": list(self.model.parameters()), "weight_decay": wd, "name": "net"}]
 
     def _counts(self) -> dict[str, int]:
@@ -623,7 +630,9 @@ def run(args: argparse.Namespace) -> dict | None:
             with open(cfg_path) as f:
                 saved = json.load(f)
             keep = {k: getattr(args, k) for k in ("out", "resume", "max_steps", "quiet")}
-            args = argparse.Namespace(**{**saved, **keep})
+            # options added since the run started take their defaults
+            missing = {k: v for k, v in vars(args).items() if k not in saved}
+            args = argparse.Namespace(**{**missing, **saved, **keep})
         elif d.main:
             with open(cfg_path, "w") as f:
                 json.dump(vars(args), f, indent=2)

@@ -64,3 +64,16 @@ def test_pruner_rejects_bad_settings():
         pf.Pruner(model, None, epochs=10, after_select="later")
     with pytest.raises(ValueError, match="select_epoch"):
         pf.Pruner(model, None, epochs=10, select_epoch=11)
+
+
+def test_param_groups_score_lr():
+    model = pf.paamify(pf.models.resnet20())
+    net, paam = pf.param_groups(model, weight_decay=5e-4, score_lr=0.01)
+    assert paam["lr"] == 0.01 and paam["weight_decay"] == 0.0 and "lr" not in net
+    opt = torch.optim.SGD([net, paam], lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5)
+    assert [g["lr"] for g in opt.param_groups] == [0.05, 0.005]  # one schedule, two bases
+    del sched
+    for bad in (0, -1.0, float("nan"), "0.1"):
+        with pytest.raises(ValueError, match="score_lr"):
+            pf.param_groups(model, score_lr=bad)

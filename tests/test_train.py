@@ -135,6 +135,7 @@ def test_ddp_two_processes_agree(tmp_path):
     (["--keep", "0"], "--keep must be a fraction"),
     (["--arch", "resnet7"], "unknown --arch"),
     (["--cuda-graphs", "--device", "cpu"], "--cuda-graphs needs a CUDA GPU"),
+    (["--score-lr-scale", "0"], "--score-lr-scale must be a positive number"),
 ])
 def test_bad_input_exits_2(tmp_path, capsys, argv, msg):
     out = str(tmp_path / "x")
