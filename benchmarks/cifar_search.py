@@ -103,15 +103,24 @@ def summary(paths: list[str]) -> str:
     by: dict[str, list] = {}
     for r in rows:
         by.setdefault(r["setting"], []).append(r)
-    lines = ["| setting | seeds | val top-1 (mean ± std) | params | MACs |",
-             "|---|---|---|---|---|"]
+    def mean_sd(xs):
+        m = sum(xs) / len(xs)
+        sd = (sum((a - m) ** 2 for a in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
+        return m, sd
+
+    # paired by seed against uniform thinning: same seed, same data order and augmentation
+    base = {r["seed"]: r["val_top1"] for r in by.get("uniform", [])}
+    lines = ["| setting | seeds | val top-1 (mean ± std) | − uniform, paired by seed (mean ± std, "
+             "n) | params | MACs |", "|---|---|---|---|---|---|"]
     for name, rs in by.items():
-        accs = [r["val_top1"] for r in rs]
-        m = sum(accs) / len(accs)
-        sd = (sum((a - m) ** 2 for a in accs) / (len(accs) - 1)) ** 0.5 if len(accs) > 1 else 0
+        m, sd = mean_sd([r["val_top1"] for r in rs])
+        diffs = [r["val_top1"] - base[r["seed"]] for r in rs if r["seed"] in base]
+        paired = "" if name == "uniform" or not diffs else (
+            "{:+.2f} ± {:.2f} pts, {}".format(*(100 * v for v in mean_sd(diffs)), len(diffs)))
         p = sum(r["params"] for r in rs) / len(rs)
         f = sum(r["flops"] for r in rs) / len(rs)
-        lines.append(f"| {name} | {len(rs)} | {m:.2%} ± {sd:.2%} | {p:,.0f} | {f:,.0f} |")
+        lines.append(f"| {name} | {len(rs)} | {m:.2%} ± {sd:.2%} | {paired} | {p:,.0f} | "
+                     f"{f:,.0f} |")
     lines += ["", "Every run (widths: kept filters of the gated units, in graph order):", "",
               "| setting | seed | val top-1 | params | MACs | widths of gated units | wall |",
               "|---|---|---|---|---|---|---|"]
