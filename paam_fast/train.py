@@ -369,6 +369,7 @@ class Run:
 
     def __init__(self, args: argparse.Namespace, d: Dist) -> None:
         self.args, self.d = args, d
+        self.commit = _commit()  # the code this run starts with (HEAD may move while it runs)
         self.dev = torch.device(args.device if not args.device.startswith("cuda") or d.world == 1
                                 else f"cuda:{d.local_rank}")
         self.data = _Data(args, self.dev, d)
@@ -569,7 +570,7 @@ class Run:
             "epoch_s_median": sorted(epoch_s)[len(epoch_s) // 2] if epoch_s else None,
             "device": (torch.cuda.get_device_name(self.dev) if self.dev.type == "cuda"
                        else "cpu"),
-            "world_size": self.d.world, "torch": torch.__version__, "commit": _commit(),
+            "world_size": self.d.world, "torch": torch.__version__, "commit": self.commit,
             "seed": args.seed, "config": {k: v for k, v in vars(args).items()},
         }
         if self.d.main:
