@@ -29,10 +29,11 @@ from .paamify import (
 from .pruner import Pruner
 from .report import Report, report
 from .selection import Selection
+from .step import TrainStep
 
 __version__ = "0.1.0"
 
 __all__ = ["paamify", "scores", "penalty", "select", "apply_masks", "freeze", "compact",
            "export", "count", "save", "load", "plan_of", "apply_plan", "report", "Report",
            "Pruner", "Selection", "PaamController", "is_paamified", "param_groups", "models",
-           "nn", "__version__"]
+           "nn", "TrainStep", "__version__"]
