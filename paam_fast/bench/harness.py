@@ -85,20 +85,26 @@ def count_ops(fn: Callable[[], object]) -> dict:
 
 
 @contextlib.contextmanager
-def backend(name: str | None):
-    """Run the block with PAAM_FAST_BACKEND=name (None: unset), restoring it after."""
-    old = os.environ.get("PAAM_FAST_BACKEND")
-    if name is None:
-        os.environ.pop("PAAM_FAST_BACKEND", None)
+def env_var(key: str, value: str | None):
+    """Run the block with the environment variable ``key`` = value (None: unset), restoring it
+    after."""
+    old = os.environ.get(key)
+    if value is None:
+        os.environ.pop(key, None)
     else:
-        os.environ["PAAM_FAST_BACKEND"] = name
+        os.environ[key] = value
     try:
         yield
     finally:
         if old is None:
-            os.environ.pop("PAAM_FAST_BACKEND", None)
+            os.environ.pop(key, None)
         else:
-            os.environ["PAAM_FAST_BACKEND"] = old
+            os.environ[key] = old
+
+
+def backend(name: str | None):
+    """Run the block with PAAM_FAST_BACKEND=name (None: unset), restoring it after."""
+    return env_var("PAAM_FAST_BACKEND", name)
 
 
 def write_json(name: str, payload: dict, out_dir: str | None = None) -> str:

@@ -17,9 +17,8 @@ import torch
 import paam_fast as pf
 from paam_fast import dispatch
 
-from ..step import TrainStep
 from .harness import timeit, write_json
-from .train_step import step_warmup
+from .train_step import step_warmup, synthetic_step
 
 
 def build(arch, size, frac, dev):
@@ -38,18 +37,10 @@ def build(arch, size, frac, dev):
 
 
 def step_fn(model, batch, size, dev, graph: bool = False):
-    """(closure running one training step on a fixed batch, optimizer, TrainStep): the step
-    ``paam-train`` runs; on the GPU bf16 autocast, channels_last, and ``graph`` captures it."""
-    cuda = dev == "cuda"
-    if cuda:
-        model.to(memory_format=torch.channels_last)
+    """(closure running one training step on a fixed batch, optimizer, TrainStep)."""
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    step = TrainStep(model, opt, amp=cuda, mode="graph" if graph else "eager")
-    x = torch.randn(batch, 3, size, size, device=dev)
-    if cuda:
-        x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (batch,), device=dev)
-    return (lambda: step(x, y)), opt, step
+    fn, step = synthetic_step(model, opt, batch, size, dev, graph=graph)
+    return fn, opt, step
 
 
 def main(argv=None) -> dict:

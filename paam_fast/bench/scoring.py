@@ -11,14 +11,13 @@ kernels and times them.
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch
 
 import paam_fast as pf
 from paam_fast.scoring import score_unit
 
-from .harness import backend, count_ops, timeit, write_json
+from .harness import count_ops, env_var, timeit, write_json
 
 
 def setup(arch: str, size: int, device: str = "cpu"):
@@ -64,24 +63,11 @@ def setup(arch: str, size: int, device: str = "cpu"):
     return model, batched, chains
 
 
-def _with_backend(name, fn):
+def _with_env(key, value, fn):
+    """fn, called with the environment variable ``key`` set to ``value``."""
     def call():
-        with backend(name):
+        with env_var(key, value):
             return fn()
-    return call
-
-
-def _with_dot(mode, fn):
-    def call():
-        old = os.environ.get("PAAM_FAST_TRITON_DOT")
-        os.environ["PAAM_FAST_TRITON_DOT"] = mode
-        try:
-            return fn()
-        finally:
-            if old is None:
-                del os.environ["PAAM_FAST_TRITON_DOT"]
-            else:
-                os.environ["PAAM_FAST_TRITON_DOT"] = old
     return call
 
 
@@ -91,10 +77,11 @@ def run(arch: str, size: int, reps: int) -> dict:
     res = {"arch": arch, "units": len(model.paam.units), "shape_groups": len(model.paam.groups),
            "dtype": "float32", "device_kind": dev}
     variants = [("per_unit_chains", chains),
-                ("batched_reference", _with_backend("reference", batched))]
+                ("batched_reference", _with_env("PAAM_FAST_BACKEND", "reference", batched))]
     if dev == "cuda":
-        variants.append(("triton", _with_backend("triton", batched)))
-        variants.append(("triton_tf32", _with_dot("tf32", _with_backend("triton", batched))))
+        triton = _with_env("PAAM_FAST_BACKEND", "triton", batched)
+        variants.append(("triton", triton))
+        variants.append(("triton_tf32", _with_env("PAAM_FAST_TRITON_DOT", "tf32", triton)))
     for name, fn in variants:
         res[name] = {**count_ops(fn), "eager": timeit(fn, reps=reps)}
         if dev == "cuda":  # the whole forward+backward replayed as one CUDA graph

@@ -24,28 +24,34 @@ from .harness import backend, count_ops, timeit, write_json
 step_warmup = 4  # TrainStep's 3 eager steps + the capturing one
 
 
-def make_step(arch: str, batch: int, size: int, paam: bool, dev: str, graph: bool = False):
-    """A fresh model (PAAM or dense) and a closure running one training step of it on a fixed
-    synthetic batch (never zeros): :class:`paam_fast.step.TrainStep`, the step ``paam-train``
-    runs, eager or (``graph``) captured whole with the SGD update.  On the GPU in bf16 autocast
-    with channels_last.  PAAM adds its penalty with λ = 0.1."""
+def synthetic_step(model, opt, batch: int, size: int, dev: str, pruner=None,
+                   graph: bool = False):
+    """A closure running one training step of ``model`` on a fixed synthetic batch (never
+    zeros): :class:`paam_fast.step.TrainStep`, the step ``paam-train`` runs, eager or
+    (``graph``) captured whole with the SGD update.  On the GPU bf16 autocast, channels_last.
+    Returns (closure, TrainStep)."""
     cuda = dev == "cuda"
-    torch.manual_seed(0)
-    model = pf.models.get_model(arch)
-    if paam:
-        pf.paamify(model, input_size=(1, 3, size, size))
-    model = model.to(dev)
     if cuda:
-        model = model.to(memory_format=torch.channels_last)
-    groups = pf.param_groups(model) if paam else [{"params": list(model.parameters())}]
-    opt = torch.optim.SGD(groups, lr=0.01, momentum=0.9, weight_decay=1e-4)
-    pruner = pf.Pruner(model, opt, epochs=10, lam=0.1) if paam else None
+        model.to(memory_format=torch.channels_last)
     step = TrainStep(model, opt, pruner=pruner, amp=cuda, mode="graph" if graph else "eager")
     x = torch.randn(batch, 3, size, size, device=dev)
     if cuda:
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch,), device=dev)
-    return model, lambda: step(x, y)
+    return (lambda: step(x, y)), step
+
+
+def make_step(arch: str, batch: int, size: int, paam: bool, dev: str, graph: bool = False):
+    """A fresh model (PAAM, penalty with λ = 0.1, or dense) and its synthetic training step."""
+    torch.manual_seed(0)
+    model = pf.models.get_model(arch)
+    if paam:
+        pf.paamify(model, input_size=(1, 3, size, size))
+    model = model.to(dev)
+    groups = pf.param_groups(model) if paam else [{"params": list(model.parameters())}]
+    opt = torch.optim.SGD(groups, lr=0.01, momentum=0.9, weight_decay=1e-4)
+    pruner = pf.Pruner(model, opt, epochs=10, lam=0.1) if paam else None
+    return model, synthetic_step(model, opt, batch, size, dev, pruner, graph)[0]
 
 
 def graphed(step):
