@@ -18,10 +18,10 @@ from . import dispatch
 from .graph import Space, Structure, analyse
 from .nn import GateBox, GatedBatchNorm2d, GatedConv2d, GatedConvBN2d, GatedLinear, _Gated, recast
 from .selection import Selection, check_keep, check_mass, choose
-from .surgery import slice_space
+from .surgery import slice_cats, slice_space
 
 __all__ = ["PaamController", "paamify", "is_paamified", "controller", "scores", "penalty",
-           "select", "apply_masks", "freeze", "compact", "param_groups", "DEFAULT_INPUT_SIZE"]
+           "BALANCES", "select", "apply_masks", "freeze", "compact", "param_groups", "DEFAULT_INPUT_SIZE"]
 
 DEFAULT_INPUT_SIZE = (1, 3, 224, 224)
 
@@ -29,19 +29,22 @@ DEFAULT_INPUT_SIZE = (1, 3, 224, 224)
 class _ShapeGroup(nn.Module):
     """Scoring networks of the units that share (F, D): stacked, so one bmm chain scores all.
 
-    Parameters: wq, wk, wv (G, D, d); w (G, d) and b (G,), zero at init so every g starts at 1.
+    Parameters: wq, wk, wv (G, D, d); w (G, d), zero at init, and b (G,) = ``init_bias``, so
+    every filter of a unit starts with the same e = b0 and, under normalize="max", g = 1.
     """
 
-    def __init__(self, n: int, f: int, d_tok: int, dim: int, dtype, device) -> None:
+    def __init__(self, n: int, f: int, d_tok: int, dim: int, dtype, device,
+                 init_bias: float = 0.0) -> None:
         super().__init__()
-        # Xavier-like scale for the projections; the head is zero so e = 0 and s = 1 at init.
+        # Xavier-like scale for the projections; the head's w is zero so every e = b0 at init:
+        # with g = s / max s every gate is then exactly 1 (x / x) whatever b0 is.
         std = 1.0 / math.sqrt(d_tok)
         kw = {"dtype": dtype, "device": device}
         self.wq = nn.Parameter(torch.randn(n, d_tok, dim, **kw) * std)
         self.wk = nn.Parameter(torch.randn(n, d_tok, dim, **kw) * std)
         self.wv = nn.Parameter(torch.randn(n, d_tok, dim, **kw) * std)
         self.w = nn.Parameter(torch.zeros(n, dim, **kw))
-        self.b = nn.Parameter(torch.zeros(n, **kw))
+        self.b = nn.Parameter(torch.full((n,), float(init_bias), **kw))
         self.f = f
 
 
@@ -53,9 +56,11 @@ class PaamController(nn.Module):
     """
 
     def __init__(self, model: nn.Module, structure: Structure, *, dim: int, leak: float,
-                 normalize: str, coupling: str, scorer: str = "attention") -> None:
+                 normalize: str, coupling: str, scorer: str = "attention",
+                 init_bias: float = 0.0) -> None:
         super().__init__()
         self.dim, self.leak, self.normalize, self.coupling = dim, leak, normalize, coupling
+        self.init_bias = init_bias
         self.scorer = scorer
         self.structure = structure
         self.units: list[Space] = structure.units
@@ -84,7 +89,8 @@ class PaamController(nn.Module):
         if scorer == "bn":  # Network Slimming: no scoring network, gates stay 1 until frozen
             by_shape = {}
         for (f, d_tok), idx in by_shape.items():
-            self.groups.append(_ShapeGroup(len(idx), f, d_tok, dim, p.dtype, p.device))
+            self.groups.append(_ShapeGroup(len(idx), f, d_tok, dim, p.dtype, p.device,
+                                           init_bias))
             self.group_units.append(idx)
         if self.groups:
             self._plan_folding()
@@ -234,11 +240,10 @@ class PaamController(nn.Module):
         self.__dict__.pop("_triton_table", None)  # alive counts changed: rebuilt on next use
         compact_exec = self.masked_compute == "compact" and not self.compacted
         ops = dispatch.masked() if compact_exec and not all(self._all_alive) else None
-        for u in self.units:  # clear, then set below: a module can sit in two units
-            for name in u.producers + u.channelwise + [c[0] for c in u.consumers]:
-                m = self._mods[name]
-                m._paam_out_idx = m._paam_in_idx = m._paam_alive = None
-                m._paam_ops = ops
+        for name in _carriers(self.structure):  # clear, then set below: a module can sit in
+            m = self._mods[name]                 # two units
+            m._paam_out_idx = m._paam_in_idx = m._paam_alive = None
+            m._paam_ops = ops
         for i, u in enumerate(self.units):
             if self._all_alive[i] or self.compacted:
                 continue
@@ -248,11 +253,19 @@ class PaamController(nn.Module):
                         self._mods[name]._paam_alive = self.mask(i)
                 continue
             idx = torch.nonzero(self.mask(i)).flatten()
-            for name in u.producers + u.channelwise:
+            for name in u.producers + u.channelwise + u.scales:
                 self._mods[name]._paam_out_idx = idx
             for name, block in u.consumers:
-                self._mods[name]._paam_in_idx = idx if block == 1 else (
-                    idx[:, None] * block + torch.arange(block, device=idx.device)).flatten()
+                self._mods[name]._paam_in_idx = _blocks(idx, block)
+        if compact_exec:  # consumers of a concat read the alive channels of every segment
+            alive = {u.id: torch.nonzero(self.mask(i)).flatten()
+                     for i, u in enumerate(self.units) if not self._all_alive[i]}
+            for cat in self.structure.cats:
+                if not any(sid in alive for sid, _ in cat.segments):
+                    continue
+                idx = cat.index(alive).to(self.mask(0).device)
+                for name, block in cat.consumers:
+                    self._mods[name]._paam_in_idx = _blocks(idx, block)
 
     def penalty_weights(self, cost: str) -> tuple[list[float], float, torch.Tensor]:
         """(c_l per unit, Σ_l c_l·alive_l, c per gate row in group-major order (fp32, on the
@@ -265,6 +278,21 @@ class PaamController(nn.Module):
             vec = (torch.cat(rows) if rows else torch.zeros(0)).to(self.mask(0).device)
             self._cost_cache[cost] = (c, float(den), vec)
         return self._cost_cache[cost]
+
+    def unit_balance_weights(self, cost: str) -> torch.Tensor:
+        """Per gate row (group-major, fp32, on the device): c_l / (alive_l · Σ_l' c_l'), so
+        that Σ rows·g = Σ_l c_l·ḡ_l / Σ_l c_l (penalty balance "unit"); cached like
+        :meth:`penalty_weights`."""
+        key = f"unit:{cost}"
+        if key not in self._cost_cache:
+            c = self.filter_costs(cost)
+            tot = sum(c) if sum(c) > 0 else 1.0
+            alive = [max(int(m.sum()), 1) for m in self.masks()]
+            rows = [torch.full((self.units[i].width,), c[i] / (alive[i] * tot))
+                    for idx in self.group_units for i in idx]
+            vec = (torch.cat(rows) if rows else torch.zeros(0)).to(self.mask(0).device)
+            self._cost_cache[key] = ([], 0.0, vec)
+        return self._cost_cache[key][2]
 
     def filter_costs(self, cost: str) -> list[float]:
         """c_l of §5: what one filter of each unit costs now, consumers' slices included."""
@@ -291,6 +319,22 @@ class PaamController(nn.Module):
         the scoring networks); an ``nn.Sequential`` model calls its children in order, and the
         controller, registered last, must then pass the output through unchanged."""
         return x
+
+
+def _blocks(idx: torch.Tensor, block: int) -> torch.Tensor:
+    """Feature indices of channels ``idx`` when each channel owns ``block`` features."""
+    return idx if block == 1 else (
+        idx[:, None] * block + torch.arange(block, device=idx.device)).flatten()
+
+
+def _carriers(structure: Structure) -> list[str]:
+    """Every module that carries a unit's channels (sliced when it is pruned)."""
+    names: list[str] = []
+    for u in structure.units:
+        names += u.sites + u.producers + u.channelwise + u.scales + [c[0] for c in u.consumers]
+    for cat in structure.cats:
+        names += [c[0] for c in cat.consumers]
+    return list(dict.fromkeys(names))
 
 
 def is_paamified(model: nn.Module) -> bool:
@@ -321,7 +365,7 @@ def _forced_sites(model: nn.Module) -> dict[str, str]:
 
 def paamify(model: nn.Module, coupling: str = "internal", dim: int = 32, leak: float = 0.01,
             normalize: str = "max", input_size: tuple[int, ...] | None = None,
-            scorer: str = "attention") -> nn.Module:
+            scorer: str = "attention", init_bias: float = 0.0) -> nn.Module:
     """Make ``model`` a PAAM network, in place, and return it.
 
     Args:
@@ -334,6 +378,11 @@ def paamify(model: nn.Module, coupling: str = "internal", dim: int = 32, leak: f
             model has one (``paam_fast.models`` do), else (1, 3, 224, 224).
         scorer: "attention" (PAAM) or "bn" (the Network Slimming baseline: filters ranked by the
             |γ| of their BN, penalty L1 on those γ; same selection and compaction).
+        init_bias: b0, the scoring head's starting bias (ours, PAAM_METHOD.md §3).  With w = 0
+            every filter starts at e = b0; under normalize="max" every gate is exactly 1 at init
+            for any b0, and a b0 < 0 (e.g. -2) starts every filter on the leaky-exp's exp branch
+            instead of on its kink at 0.  Under normalize="none" the start is g = leaky_exp(b0)
+            (dense only at b0 = 0).
     Returns:
         the same model, with ``model.paam`` (:class:`PaamController`).  Units that cannot be gated
         are listed in ``model.paam.structure.ungated`` with the reason.
@@ -348,6 +397,9 @@ def paamify(model: nn.Module, coupling: str = "internal", dim: int = 32, leak: f
         raise ValueError(f"normalize must be 'max' or 'none', got {normalize!r}")
     if scorer not in ("attention", "bn"):
         raise ValueError(f"scorer must be 'attention' or 'bn', got {scorer!r}")
+    if isinstance(init_bias, bool) or not isinstance(init_bias, (int, float)) \
+            or not math.isfinite(init_bias):
+        raise ValueError(f"init_bias must be a finite number, got {init_bias!r}")
     params = list(model.parameters())
     if not params:
         raise ValueError("the model has no parameters to prune")
@@ -371,22 +423,21 @@ def paamify(model: nn.Module, coupling: str = "internal", dim: int = 32, leak: f
     swap = {}
     # Every conv / BN / Linear that carries a unit's channels gets a gated class (same
     # Parameters): sites apply the gate, and in masked mode all of them run on alive channels.
-    for u in structure.units:
-        for name in u.sites + u.producers + u.channelwise + [c[0] for c in u.consumers]:
-            m = model.get_submodule(name)
-            if isinstance(m, _Gated) or name in swap:
-                continue
-            if isinstance(m, nn.BatchNorm2d):
-                swap[name] = recast(m, GatedBatchNorm2d)
-            elif isinstance(m, nn.Conv2d):
-                swap[name] = recast(m, GatedConv2d)
-            elif isinstance(m, nn.Linear):
-                swap[name] = recast(m, GatedLinear)
+    for name in _carriers(structure):
+        m = model.get_submodule(name)
+        if isinstance(m, _Gated) or name in swap:
+            continue
+        if isinstance(m, nn.BatchNorm2d):
+            swap[name] = recast(m, GatedBatchNorm2d)
+        elif isinstance(m, nn.Conv2d):
+            swap[name] = recast(m, GatedConv2d)
+        elif isinstance(m, nn.Linear):
+            swap[name] = recast(m, GatedLinear)
     for name, new in swap.items():
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
     ctrl = PaamController(model, structure, dim=dim, leak=float(leak), normalize=normalize,
-                          coupling=coupling, scorer=scorer)
+                          coupling=coupling, scorer=scorer, init_bias=float(init_bias))
     model.paam = ctrl
     for i, u in enumerate(structure.units):
         for name in u.sites:
@@ -402,9 +453,29 @@ def scores(model: nn.Module) -> dict[str, torch.Tensor]:
     return {u.name: g.detach().float().clone() for u, g in zip(ctrl.units, ctrl.unit_gates())}
 
 
-def penalty(model: nn.Module, cost: str = "uniform") -> torch.Tensor:
-    """The additive term of §5: Σ_l Σ_i c_l·g_li / Σ_l Σ_i c_l over alive filters (fp32 scalar,
-    differentiable w.r.t. the scoring networks).  Zero once the gates are frozen."""
+BALANCES = ("filter", "unit", "budget")
+
+
+def penalty(model: nn.Module, cost: str = "uniform", balance: str = "filter",
+            budget: float | None = None) -> torch.Tensor:
+    """The additive term of §5 (fp32 scalar, differentiable w.r.t. the scoring networks; zero
+    once the gates are frozen), over alive filters (dead ones have g = 0):
+
+    * ``balance="filter"`` (default): m = Σ_l Σ_i c_l·g_li / Σ_l Σ_i c_l, the per-filter mean;
+      a unit's total push grows with its width.
+    * ``"unit"``: Σ_l c_l·ḡ_l / Σ_l c_l with ḡ_l the mean alive gate of unit l: every unit
+      weighs the same whatever its width (with ``cost="uniform"``, the mean over units).
+    * ``"budget"``: |m − ``budget``| with m the per-filter mean above: pushes the mean gate
+      to the budget (from either side) and no further.  ``budget`` in (0, 1] is needed.
+
+    "unit" and "budget" are ours (PAAM_METHOD.md §5 leaves the balance open).
+    """
+    if balance not in BALANCES:
+        raise ValueError(f"balance must be one of {', '.join(BALANCES)}, got {balance!r}")
+    if balance == "budget":
+        if budget is None:
+            raise ValueError("balance='budget' needs budget= (the kept fraction aimed at)")
+        check_keep(budget)
     ctrl = controller(model)
     if ctrl.frozen:
         p = next(model.parameters())
@@ -413,13 +484,16 @@ def penalty(model: nn.Module, cost: str = "uniform") -> torch.Tensor:
         return sum(ctrl.bn_scores(i, grad=True).sum() for i in range(len(ctrl.units)))
     if ctrl._last.value is None:
         raise RuntimeError("no scores yet: run a forward pass of the model first")
-    _, den, vec = ctrl.penalty_weights(cost)
     # one flat dot product for all units (dead filters have g = 0); the Triton path hands the
     # flat gates over as they are (triton_scoring.FlatGates)
     flat = getattr(ctrl._last.value, "flat", None)
     g = (flat if flat is not None else torch.cat([x.reshape(-1) for x in ctrl._last.value]))
     g = g.float()
-    return (g * vec).sum() / max(den, 1e-30)
+    if balance == "unit":
+        return (g * ctrl.unit_balance_weights(cost)).sum()
+    _, den, vec = ctrl.penalty_weights(cost)
+    m = (g * vec).sum() / max(den, 1e-30)
+    return m if balance == "filter" else (m - float(budget)).abs()
 
 
 def select(model: nn.Module, keep: float | None = None, mass: float | None = None,
@@ -507,10 +581,14 @@ def compact(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) ->
         if idx.numel() == 0:
             raise RuntimeError(f"unit '{u.name}' has no alive filter")
         if idx.numel() < mask.numel():
-            slice_space(ctrl._mods, u.producers, u.channelwise, u.consumers, idx, optimizer)
+            slice_space(ctrl._mods, u.producers + u.scales, u.channelwise, u.consumers, idx,
+                        optimizer)
         ctrl.kept[u.id] = idx.tolist()
         ctrl._buffers[f"mask_{i}"] = torch.ones(idx.numel(), dtype=torch.bool,
                                                 device=mask.device)
+    slice_cats(ctrl._mods, ctrl.structure.cats,
+               {u.id: torch.tensor(ctrl.kept[u.id], dtype=torch.long) for u in ctrl.units
+                if len(ctrl.kept[u.id]) < u.width}, optimizer)
     ctrl.compacted = True
     ctrl.masks_changed()
     return {u.name: len(ctrl.kept[u.id]) for u in ctrl.units}

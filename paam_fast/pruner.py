@@ -20,7 +20,7 @@ import math
 import torch
 from torch import nn
 
-from .paamify import apply_masks, compact, controller, penalty, select
+from .paamify import BALANCES, apply_masks, compact, controller, penalty, select
 from .selection import check_keep, check_mass, choose
 
 __all__ = ["Pruner", "DEFAULT_LAMBDA"]
@@ -68,6 +68,9 @@ class Pruner:
         after_select: "compact" or "masked"; steps: selection events in masked mode.
         min_keep, round_to: see :func:`paam_fast.select`.
         target_gain: how fast λ follows the target (λ *= exp(gain·(kept − target)/target)).
+        balance: the penalty's balance across units (see :func:`paam_fast.penalty`): "filter"
+            (per-filter mean, default), "unit" (mean gate per unit, then over units) or
+            "budget" (|mean gate − keep|, with ``keep`` or ``target`` as the budget).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, epochs: int,
@@ -75,7 +78,8 @@ class Pruner:
                  mass: float | None = None, target: float | None = None, cost: str = "uniform",
                  select_cost: str = "params", select_epoch: int | None = None,
                  final_epoch: int | None = None, after_select: str = "compact", steps: int = 4,
-                 min_keep: float = 0.05, round_to: int = 1, target_gain: float = 1.0) -> None:
+                 min_keep: float = 0.05, round_to: int = 1, target_gain: float = 1.0,
+                 balance: str = "filter") -> None:
         self.model = _unwrap(model)
         controller(self.model)
         if not isinstance(epochs, int) or epochs < 1:
@@ -98,6 +102,11 @@ class Pruner:
             raise ValueError(f"cost must be 'uniform', 'params' or 'flops', got {cost!r}")
         if select_cost not in ("params", "flops"):
             raise ValueError(f"select_cost must be 'params' or 'flops', got {select_cost!r}")
+        if balance not in BALANCES:
+            raise ValueError(f"balance must be one of {', '.join(BALANCES)}, got {balance!r}")
+        if balance == "budget" and keep is None and target is None:
+            raise ValueError("balance='budget' needs keep= or target= (the budget it aims at)")
+        self.balance = balance
         self.optimizer = optimizer
         self.epochs = epochs
         self.lam = float(lam)
@@ -122,7 +131,9 @@ class Pruner:
     def penalty(self, lam: torch.Tensor | None = None) -> torch.Tensor:
         """λ · penalty (fp32 scalar); zero once the gates are frozen.  ``lam``: a device tensor
         holding λ, used instead of the Python float (a captured CUDA graph reads it there)."""
-        return (self.lam if lam is None else lam) * penalty(self.model, self.cost)
+        budget = self.keep if self.keep is not None else self.target
+        return (self.lam if lam is None else lam) * penalty(self.model, self.cost, self.balance,
+                                                            budget)
 
     @property
     def active(self) -> bool:
