@@ -104,9 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
            "cifar10: --data as a JPEG tar/ImageFolder/torchvision binary folder; imagenet and "
            "imagefolder: an ImageFolder tree with train/ and val/ (or test/)")
     a("--data", default=None, help="path of the dataset (not used by digits)\n" + D.LAYOUTS)
-    a("--method", default="paam", choices=["paam", "dense", "slim", "uniform"],
+    a("--method", default="paam", choices=["paam", "dense", "slim", "uniform", "retrain"],
       help="paam; dense (no pruning); slim (Network Slimming: L1 on BN γ, same selection); "
-           "uniform (every unit thinned to the same fraction from the start, same budget)")
+           "uniform (every unit thinned to the same fraction from the start, same budget); "
+           "retrain (set by --retrain)")
+    a("--retrain", default=None, metavar="RUN", help="train the widths that a finished PAAM (or "
+      "slim) run selected from scratch, with this recipe, as --method uniform trains its thinned "
+      "network (ours, not the paper's): RUN is that run's folder or its report.json")
     a("--epochs", type=int, default=None, help="total epochs (recipe)")
     a("--batch-size", type=int, default=None, help="batch size per process (recipe)")
     a("--lr", type=float, default=None, help="peak learning rate (recipe), SGD momentum 0.9")
@@ -114,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
       "none on the scoring networks")
     a("--score-lr-scale", type=float, default=1.0, help="the scoring networks' learning rate as a "
       "multiple of --lr (same schedule)")
+    a("--score-warmup", type=float, default=0.0, help="epochs over which the scoring networks' "
+      "learning rate ramps linearly from 0 (on top of the schedule; ours)")
     a("--schedule", default="step", choices=["step", "cosine"],
       help="step: ×0.1 at the recipe's milestones scaled to --epochs; cosine: to 0")
     a("--lam", type=float, default=None, help=f"λ, the penalty coefficient (paam default "
@@ -141,6 +147,15 @@ def build_parser() -> argparse.ArgumentParser:
       help="gate g = s / max s (scale-free) or g = s (paper-literal)")
     a("--dim", type=int, default=32, help="attention width d of the scoring network")
     a("--leak", type=float, default=0.01, help="slope α of the leaky-exp above 0")
+    a("--init-bias", type=float, default=0.0, help="b0, the scoring head's starting bias (ours): "
+      "with --normalize max the start is exactly dense for any b0; b0 < 0 (e.g. -2) starts "
+      "every filter on the leaky-exp's exp branch instead of its kink at 0")
+    a("--penalty-balance", default="filter", choices=["filter", "unit", "budget"],
+      help="the penalty's balance across units (ours): filter = mean gate over all filters; "
+           "unit = mean gate per unit, then over units; budget = |mean gate − --keep|")
+    a("--bn-reestimate", type=int, default=40, help="before the evaluation that follows a "
+      "selection or compaction, re-estimate BN running statistics on this many training "
+      "batches (no gradient; 0: off); metrics.jsonl logs the figure before and after")
     a("--after-select", default="compact", choices=["compact", "masked"],
       help="compact: remove filters once at selection; masked: gradual, 4 events to E_final")
     a("--steps", type=int, default=4, help="selection events in masked mode")
@@ -189,6 +204,24 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     args.round_to = args.round_to or r.round_to
     if args.epochs < 1 or args.batch_size < 1:
         raise UsageError("--epochs and --batch-size must be positive")
+    if args.retrain is not None:
+        if args.method not in ("paam", "retrain"):
+            raise UsageError(f"--retrain trains found widths; it cannot go with --method "
+                             f"{args.method}")
+        args.method = "retrain"
+        args.retrain_widths = _retrain_widths(args.retrain)
+    elif args.method == "retrain":
+        raise UsageError("--method retrain needs --retrain RUN (a PAAM run's folder or "
+                         "report.json)")
+    if not (args.score_warmup >= 0 and math.isfinite(args.score_warmup)):
+        raise UsageError(f"--score-warmup must be a non-negative number, got {args.score_warmup}")
+    if args.bn_reestimate < 0:
+        raise UsageError(f"--bn-reestimate must be ≥ 0, got {args.bn_reestimate}")
+    if not math.isfinite(args.init_bias):
+        raise UsageError(f"--init-bias must be a finite number, got {args.init_bias}")
+    if args.penalty_balance == "budget" and args.method == "paam" and args.mass is not None:
+        raise UsageError("--penalty-balance budget needs a budget: --keep or --target, not "
+                         "--mass")
     if not (args.score_lr_scale > 0 and math.isfinite(args.score_lr_scale)):
         raise UsageError(f"--score-lr-scale must be a positive number, got "
                          f"{args.score_lr_scale}")
@@ -266,6 +299,81 @@ def _commit() -> str:
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def _retrain_widths(path: str) -> dict:
+    """The selected widths of a finished run: {"widths": {unit: w}} (runs since --retrain) or
+    {"per_layer": [...]} (older report.json: widths by producing conv), plus where they came
+    from.  Raises UsageError when there is no such report."""
+    rp = os.path.join(path, "report.json") if os.path.isdir(path) else path
+    try:
+        with open(rp) as f:
+            rep = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--retrain {path}: cannot read a report.json ({e})") from e
+    if rep.get("method") not in ("paam", "slim", "retrain"):
+        raise UsageError(f"--retrain {path}: the run's method is {rep.get('method')!r}; widths "
+                         "come from a paam (or slim) run")
+    return {"source": os.path.abspath(rp), "arch": rep.get("arch"), "dataset": rep.get("dataset"),
+            "widths": rep.get("widths"),
+            "per_layer": {r["name"]: [r["filters_dense"], r["filters_final"]]
+                          for r in rep.get("per_layer", [])}}
+
+
+def _retrain_alive(ctrl, spec: dict) -> dict[str, torch.Tensor]:
+    """Masks keeping the first w filters of every unit (which ones is immaterial: the thinned
+    network is trained from scratch)."""
+    alive = {}
+    for u in ctrl.units:
+        if spec.get("widths"):
+            if u.name not in spec["widths"]:
+                raise UsageError(f"--retrain {spec['source']}: no width for unit {u.name!r} "
+                                 "(another architecture?)")
+            w = int(spec["widths"][u.name])
+        else:
+            row = spec["per_layer"].get(u.producers[0])
+            if row is None or row[0] != u.width:
+                raise UsageError(f"--retrain {spec['source']}: no width for unit {u.name!r} "
+                                 "(another architecture?)")
+            w = int(row[1])
+        if not (1 <= w <= u.width):
+            raise UsageError(f"--retrain: width {w} of unit {u.name!r} is not in [1, {u.width}]")
+        m = torch.zeros(u.width, dtype=torch.bool)
+        m[:w] = True
+        alive[u.name] = m
+    return alive
+
+
+def _reestimate_bn(model: nn.Module, loader, batches: int, dev, args) -> int:
+    """Re-estimate every BatchNorm's running statistics as the plain average over ``batches``
+    training batches (train-mode forward, no gradient; cumulative average via momentum=None).
+    Statistics of dead channels in masked mode stay as they are (the gated BN freezes them).
+    Returns the number of batches used."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+           and m.track_running_stats]
+    if not bns or batches <= 0:
+        return 0
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in bns]
+    for m in bns:
+        m.momentum = None
+        m.num_batches_tracked.zero_()  # the first batch then replaces the old statistics
+    was_training = model.training
+    model.train()
+    n = 0
+    with torch.no_grad(), torch.autocast(dev.type, torch.bfloat16, enabled=args.amp == "bf16"):
+        for x, _ in loader:
+            if n >= batches:
+                break
+            x = x.to(dev, non_blocking=True)
+            if args.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            model(x)
+            n += 1
+    for m, (mom, nbt) in zip(bns, saved):
+        m.momentum = mom
+        m.num_batches_tracked.copy_(nbt + n)
+    model.train(was_training)
+    return n
 
 
 def _lr_lambda(args, steps_per_epoch: int):
@@ -379,7 +487,8 @@ class Run:
         if self.gated:
             paamify(model, coupling=args.coupling, dim=args.dim, leak=args.leak,
                     normalize=args.normalize, input_size=self.data.input_size,
-                    scorer="attention" if args.method == "paam" else "bn")
+                    scorer="bn" if args.method == "slim" else "attention",
+                    init_bias=args.init_bias)
         self.model = model.to(self.dev)
         if args.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -389,10 +498,19 @@ class Run:
             apply_masks(self.model, uniform_alive(ctrl.units, ctrl.structure, args.keep,
                                                   args.select_cost, args.round_to))
             compact(self.model)
+        elif args.method == "retrain":  # a PAAM run's widths, thinned and trained as uniform is
+            ctrl = controller(self.model)
+            apply_masks(self.model, _retrain_alive(ctrl, args.retrain_widths))
+            compact(self.model)
         self.optimizer = torch.optim.SGD(self._groups(), lr=args.lr, momentum=0.9)
         self.steps_per_epoch = len(self.data.train)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, _lr_lambda(args, self.steps_per_epoch))
+        f = _lr_lambda(args, self.steps_per_epoch)
+        lambdas = [f] * len(self.optimizer.param_groups)
+        if args.score_warmup > 0:  # the scoring networks' group ramps from 0
+            ramp = max(1, round(args.score_warmup * self.steps_per_epoch))
+            lambdas = [(lambda step, _f=f, _r=ramp: _f(step) * min(1.0, (step + 1) / _r))
+                       if g.get("name") == "paam" else f for g in self.optimizer.param_groups]
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambdas)
         self.pruner = None
         if args.method in ("paam", "slim"):
             self.pruner = Pruner(self.model, self.optimizer, epochs=args.epochs, lam=args.lam,
@@ -402,7 +520,9 @@ class Run:
                                  final_epoch=args.final_epoch,
                                  after_select=args.after_select if args.method == "paam"
                                  else "compact", steps=args.steps, min_keep=args.min_keep,
-                                 round_to=args.round_to)
+                                 round_to=args.round_to,
+                                 balance=args.penalty_balance if args.method == "paam"
+                                 else "filter")
         self.epoch = 0
         self.global_step = 0
         self.history: list[dict] = []
@@ -519,7 +639,17 @@ class Run:
             self._wrap()  # new masks or parameters: DDP buckets, compiled code, CUDA graph
         ev_loader = self.data.val if self.data.val is not None else self.data.test
         acc_eval = _evaluate(self.step_model, ev_loader, self.dev, self.args, self.d)
-        rec = {"epoch": self.epoch, "loss": loss, "train_acc": acc,
+        bn = {}
+        if self.args.bn_reestimate > 0 and any(e["event"] in ("select", "compact")
+                                               for e in events):
+            # The running statistics are the dense network's: a selection or compaction changes
+            # what every later BN sees, so the figure measured with them is not the new
+            # network's.  Both are logged; "eval_acc" is the re-estimated one.
+            n = _reestimate_bn(self.model, self.data.train, self.args.bn_reestimate, self.dev,
+                               self.args)
+            bn = {"eval_acc_before_bn": acc_eval, "bn_reestimate_batches": n}
+            acc_eval = _evaluate(self.step_model, ev_loader, self.dev, self.args, self.d)
+        rec = {"epoch": self.epoch, "loss": loss, "train_acc": acc, **bn,
                "eval_acc": acc_eval, "eval_split": "val" if self.data.val is not None else "test",
                "lr": self.optimizer.param_groups[0]["lr"],
                "lam": self.pruner.lam if self.pruner else None,
@@ -567,6 +697,9 @@ class Run:
             "params_dense": self.dense_counts["params"], "params_final": final["params"],
             "flops_dense": self.dense_counts["flops"], "flops_final": final["flops"],
             "per_layer": per_layer, "wall_s": wall_s,
+            "widths": _widths(self.model) if self.gated else None,
+            "retrain_from": (args.retrain_widths["source"] if args.method == "retrain"
+                             else None),
             "epoch_s_median": sorted(epoch_s)[len(epoch_s) // 2] if epoch_s else None,
             "device": (torch.cuda.get_device_name(self.dev) if self.dev.type == "cuda"
                        else "cpu"),

@@ -158,3 +158,88 @@ def test_corrupt_archive_and_existing_run(tmp_path, capsys):
     assert main(["--out", str(tmp_path / "prev"), "--epochs", "1", "--quiet"]) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert (tmp_path / "prev" / "report.json").read_text() == "{}"
+
+
+def _metrics(out):
+    return [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl")).read().splitlines()]
+
+
+def test_bn_reestimation_before_the_evaluation_after_selection(tmp_path):
+    out = str(tmp_path / "run")
+    assert main(["--epochs", "2", "--select-epoch", "1", "--bn-reestimate", "5", "--out", out,
+                 "--quiet"]) == 0
+    m = _metrics(out)
+    assert m[0]["bn_reestimate_batches"] == 5
+    assert 0 <= m[0]["eval_acc_before_bn"] <= 1 and 0 <= m[0]["eval_acc"] <= 1
+    assert "eval_acc_before_bn" not in m[1]  # no selection in the last epoch
+    out2 = str(tmp_path / "off")
+    assert main(["--epochs", "2", "--select-epoch", "1", "--bn-reestimate", "0", "--out", out2,
+                 "--quiet"]) == 0
+    assert "eval_acc_before_bn" not in _metrics(out2)[0]
+
+
+def test_reestimate_bn_is_the_plain_average_over_the_batches():
+    from paam_fast.train import _reestimate_bn
+
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm2d(3)
+    bn.running_mean.fill_(5.0)
+    bn.eval()
+    batches = [(torch.randn(4, 3, 2, 2) * (i + 1) + i, None) for i in range(4)]
+    args = type("A", (), {"amp": "none", "channels_last": False})()
+    assert _reestimate_bn(bn, batches, 3, torch.device("cpu"), args) == 3
+    xs = [b[0] for b in batches[:3]]
+    mean = torch.stack([x.mean((0, 2, 3)) for x in xs]).mean(0)
+    var = torch.stack([x.transpose(0, 1).flatten(1).var(1) for x in xs]).mean(0)
+    assert torch.allclose(bn.running_mean, mean, atol=1e-6)
+    assert torch.allclose(bn.running_var, var, atol=1e-5)
+    assert bn.momentum == 0.1 and not bn.training
+
+
+def test_retrain_trains_the_widths_of_a_paam_run_from_scratch(tmp_path):
+    src = str(tmp_path / "paam")
+    assert main(["--epochs", "2", "--select-epoch", "1", "--keep", "0.4", "--out", src,
+                 "--quiet"]) == 0
+    rep = _report(src)
+    out = str(tmp_path / "retrain")
+    assert main(["--epochs", "2", "--retrain", src, "--out", out, "--quiet"]) == 0
+    again = _report(out)
+    assert again["method"] == "retrain" and again["widths"] == rep["widths"]
+    assert again["params_final"] == rep["params_final"]
+    assert again["retrain_from"] == os.path.abspath(os.path.join(src, "report.json"))
+    assert again["top1"] > 0.3  # it learns
+    # an older report.json without "widths": the widths come from the per-layer rows
+    old = dict(rep)
+    del old["widths"]
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    out2 = str(tmp_path / "retrain2")
+    assert main(["--epochs", "1", "--retrain", str(path), "--out", out2, "--quiet"]) == 0
+    assert _report(out2)["widths"] == rep["widths"]
+
+
+def test_new_options_reach_the_model_and_the_scheduler():
+    from paam_fast.train import Dist, Run, _resolve, build_parser
+
+    args = _resolve(build_parser().parse_args(["--init-bias", "-2", "--score-warmup", "2",
+                                               "--penalty-balance", "unit", "--epochs", "4"]))
+    r = Run(args, Dist())
+    assert all(bool((g.b == -2).all()) for g in r.model.paam.groups)
+    assert r.pruner.balance == "unit"
+    net, paam = r.optimizer.param_groups
+    ramp = 2 * r.steps_per_epoch
+    assert paam["lr"] == pytest.approx(net["lr"] / ramp)
+    for _ in range(ramp):
+        r.scheduler.step()
+    assert paam["lr"] == pytest.approx(net["lr"])
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--method", "retrain"], "needs --retrain"),
+    (["--retrain", "/nonexistent/run"], "cannot read a report.json"),
+    (["--penalty-balance", "budget", "--mass", "0.9"], "needs a budget"),
+    (["--bn-reestimate", "-1"], "--bn-reestimate must be"),
+])
+def test_bad_new_options_exit_2(tmp_path, capsys, argv, msg):
+    assert main(argv + ["--out", str(tmp_path / "x"), "--epochs", "1", "--quiet"]) == 2
+    assert msg in capsys.readouterr().err
