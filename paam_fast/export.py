@@ -19,9 +19,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .graph import Cat
 from .nn import GatedBatchNorm2d, GatedConv2d, GatedConvBN2d, GatedLinear, recast
 from .paamify import compact, controller, is_paamified
-from .surgery import slice_space
+from .surgery import slice_cats, slice_space
 
 __all__ = ["export", "plan_of", "apply_plan", "save", "load", "PLAN_FORMAT"]
 
@@ -38,7 +39,11 @@ def plan_of(model: nn.Module) -> dict:
         if keep is None:
             keep = torch.nonzero(ctrl.mask(i)).flatten().tolist()
         spaces.append({"name": u.name, "dense": u.width, "keep": keep, **u.to_json()})
-    return {"format": PLAN_FORMAT, "coupling": ctrl.coupling, "spaces": spaces}
+    pos = {u.id: i for i, u in enumerate(ctrl.units)}
+    # concatenations: segments by position in "spaces" (-1: not gated, kept whole)
+    cats = [{"name": c.name, "segments": [[pos.get(sid, -1), w] for sid, w in c.segments],
+             "consumers": [list(x) for x in c.consumers]} for c in ctrl.structure.cats]
+    return {"format": PLAN_FORMAT, "coupling": ctrl.coupling, "spaces": spaces, "cats": cats}
 
 
 def _set(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -98,8 +103,14 @@ def apply_plan(model: nn.Module, plan: dict) -> nn.Module:
     if plan.get("format") != PLAN_FORMAT:
         raise ValueError(f"not a paam_fast plan (format {plan.get('format')!r})")
     mods = dict(model.named_modules())
+    for cat in plan.get("cats", []):
+        missing = [c[0] for c in cat["consumers"] if c[0] not in mods]
+        if missing:
+            raise ValueError(f"the plan names modules this model does not have: {missing[:3]}; "
+                             "model_fn must build the architecture that was saved")
     for sp in plan["spaces"]:
-        names = sp["producers"] + sp["channelwise"] + [c[0] for c in sp["consumers"]]
+        names = sp["producers"] + sp["channelwise"] + sp.get("scales", []) + \
+            [c[0] for c in sp["consumers"]]
         missing = [n for n in names if n not in mods]
         if missing:
             raise ValueError(f"the plan names modules this model does not have: {missing[:3]}; "
@@ -111,8 +122,15 @@ def apply_plan(model: nn.Module, plan: dict) -> nn.Module:
                                  f"{sp['dense']}")
         if len(sp["keep"]) < sp["dense"]:
             idx = torch.tensor(sp["keep"], dtype=torch.long)
-            slice_space(mods, sp["producers"], sp["channelwise"],
+            slice_space(mods, sp["producers"] + sp.get("scales", []), sp["channelwise"],
                         [tuple(c) for c in sp["consumers"]], idx)
+    spaces = plan["spaces"]
+    cats = [Cat(id=k, name=c["name"], segments=[(i, w) for i, w in c["segments"]],
+                consumers=[tuple(x) for x in c["consumers"]])
+            for k, c in enumerate(plan.get("cats", []))]
+    kept = {i: torch.tensor(sp["keep"], dtype=torch.long) for i, sp in enumerate(spaces)
+            if len(sp["keep"]) < sp["dense"]}
+    slice_cats(mods, cats, kept)
     model.paam_plan = plan
     return model
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-__all__ = ["Space", "ModuleCost", "Structure", "analyse"]
+__all__ = ["Space", "Cat", "ModuleCost", "Structure", "analyse"]
 
 # Channel-wise activations with f(0) = 0: a zero channel stays zero through them.
 _ACT_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardswish, nn.SiLU, nn.GELU, nn.LeakyReLU, nn.Hardtanh,
@@ -45,6 +45,26 @@ _ADD_METHODS = {"add", "add_"}
 _FLATTEN_FUNCTIONS = {torch.flatten}
 _VIEW_METHODS = {"view", "reshape", "flatten"}
 _MEAN = {torch.mean}
+_MUL_FUNCTIONS = {operator.mul, operator.imul, torch.mul}
+_MUL_METHODS = {"mul", "mul_"}
+_CAT_FUNCTIONS = {torch.cat, torch.concat}
+# The gate of a squeeze-excitation block: f(0) != 0, so allowed only as the scale operand of a
+# multiply (x * sigmoid(fc2(...))), where a dropped channel of x stays zero whatever the scale.
+_SCALE_MODULES = (nn.Sigmoid, nn.Hardsigmoid)
+_SCALE_NAMES = {"Sigmoid", "Hardsigmoid", "HardSigmoid", "HardSigmoidMe", "GateSigmoid"}
+_SCALE_FUNCTIONS = {torch.sigmoid, F.sigmoid, F.hardsigmoid}
+_SCALE_METHODS = {"sigmoid", "sigmoid_"}
+# Per-sample drop of the whole residual branch (0 stays 0): identity in eval.
+_DROP_NAMES = {"StochasticDepth", "DropPath", "DropBlock2d"}
+_DROP_FUNCTION_NAMES = {"stochastic_depth", "drop_path"}
+
+
+def _is_scale_module(m: nn.Module) -> bool:
+    return isinstance(m, _SCALE_MODULES) or type(m).__name__ in _SCALE_NAMES
+
+
+def _is_drop_module(m: nn.Module) -> bool:
+    return type(m).__name__ in _DROP_NAMES
 
 
 @dataclass
@@ -67,6 +87,15 @@ class Space:
     sites: list[str] = field(default_factory=list)
     fixed: list[str] = field(default_factory=list)
     has_add: bool = False
+    # channels come in ``groups`` equal contiguous blocks (a grouped conv reads or writes them):
+    # selection keeps the same number in every block, so the conv stays a valid nn.Conv2d.
+    groups: int = 1
+    # convs whose output rows are these channels but carry no gate: a squeeze-excitation's
+    # expand conv (x * sigmoid(scale_conv(...))): a dropped channel of x is zero whatever its
+    # scale, so the scale's row goes with it.
+    scales: list[str] = field(default_factory=list)
+    # ids of the concatenations (Structure.cats) these channels are a segment of
+    cats: list[int] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -81,7 +110,39 @@ class Space:
 
     def to_json(self) -> dict:
         return {"producers": self.producers, "channelwise": self.channelwise,
-                "consumers": [list(c) for c in self.consumers], "dw": sorted(self._dw)}
+                "consumers": [list(c) for c in self.consumers], "dw": sorted(self._dw),
+                "scales": self.scales, "groups": self.groups}
+
+
+@dataclass
+class Cat:
+    """A concatenation along channels whose consumers read every segment at an offset.
+
+    ``segments``: (space id, dense width) in order; ``consumers``: (module name, block) of the
+    convs / Linear layers reading the concatenated channels (dim 1 sliced at the segments'
+    offsets).  A segment whose space is not gated is kept whole.
+    """
+
+    id: int
+    name: str
+    segments: list[tuple[int, int]]
+    consumers: list[tuple[str, int]]
+
+    def offsets(self) -> list[int]:
+        out, o = [], 0
+        for _, w in self.segments:
+            out.append(o)
+            o += w
+        return out
+
+    def index(self, kept: dict[int, torch.Tensor]) -> torch.Tensor:
+        """Kept positions of the concatenated channels, given {space id: kept dense indices}
+        (segments not in ``kept`` are whole)."""
+        parts = []
+        for (sid, w), off in zip(self.segments, self.offsets()):
+            k = kept.get(sid)
+            parts.append((torch.arange(w) if k is None else k.cpu().long()) + off)
+        return torch.cat(parts)
 
 
 @dataclass
@@ -104,10 +165,22 @@ class ModuleCost:
     in_dense: int = 0
     groups: int = 1
     spatial: int = 0  # output H*W summed over calls (convs)
+    # input read through a concatenation: its segments (space id, dense width)
+    in_cat: tuple[tuple[int, int], ...] | None = None
+    calls: int = 1  # linear layers: calls per sample in eval (0: only the training forward)
+
+    def _in(self, w: dict[int, int]) -> int:
+        if self.in_cat is not None:
+            return sum(w.get(s, d) for s, d in self.in_cat)
+        return w.get(self.in_space, self.in_dense) if self.in_space is not None else self.in_dense
+
+    def touches(self, space_id: int) -> bool:
+        return space_id in (self.out_space, self.in_space) or (
+            self.in_cat is not None and any(s == space_id for s, _ in self.in_cat))
 
     def params(self, w: dict[int, int]) -> int:
         o = w.get(self.out_space, self.out_dense) if self.out_space is not None else self.out_dense
-        i = w.get(self.in_space, self.in_dense) if self.in_space is not None else self.in_dense
+        i = self._in(w)
         if self.kind == "conv":
             return o * (i // self.groups) * self.k + (o if self.bias else 0)
         if self.kind == "dwconv":
@@ -120,13 +193,13 @@ class ModuleCost:
 
     def macs(self, w: dict[int, int]) -> int:
         o = w.get(self.out_space, self.out_dense) if self.out_space is not None else self.out_dense
-        i = w.get(self.in_space, self.in_dense) if self.in_space is not None else self.in_dense
+        i = self._in(w)
         if self.kind == "conv":
             return o * (i // self.groups) * self.k * self.spatial
         if self.kind == "dwconv":
             return o * self.k * self.spatial
         if self.kind == "linear":
-            return o * i * self.k
+            return o * i * self.k * self.calls
         return 0
 
 
@@ -141,6 +214,7 @@ class Structure:
     const_params: int  # parameters no width touches (not covered by a ModuleCost)
     input_size: tuple[int, ...]
     warnings: list[str] = field(default_factory=list)
+    cats: list[Cat] = field(default_factory=list)
 
     def widths(self) -> dict[int, int]:
         return {s.id: s.width for s in self.spaces.values()}
@@ -154,14 +228,15 @@ class Structure:
         return sum(c.macs(w) for c in self.costs)
 
     def costs_touching(self, space_id: int) -> list[ModuleCost]:
-        return [c for c in self.costs if space_id in (c.out_space, c.in_space)]
+        return [c for c in self.costs if c.touches(space_id)]
 
 
 class _Tracer(fx.Tracer):
     """Convs, BNs and Linear layers are leaves even when subclassed (our gated modules)."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.Linear)):
+        if isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.Linear)) or _is_scale_module(m) \
+                or _is_drop_module(m):
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -254,8 +329,13 @@ def analyse(model: nn.Module, input_size: tuple[int, ...], coupling: str = "inte
     role: list[tuple[str, str, int]] = []  # (kind, module name, raw space): producer/cw/dw/consumer
     linear_in: dict[str, tuple[int, int]] = {}  # linear name -> (raw space, in features)
     calls: dict[str, int] = {}
-    spatial: dict[str, int] = {}
+    # MACs are counted as the model computes in eval mode (paam_fast.count's convention): a
+    # branch only the training forward takes (GoogLeNet's aux classifiers) costs no FLOPs.
+    spatial, linear_calls = _eval_calls(model, gm, input_size, dtype, device)
     adds: list[int] = []
+    group_req: dict[int, list[tuple[int, str]]] = {}  # raw space -> (groups, conv) constraints
+    cat_segs: dict[int, list[int]] = {}  # raw space of a concat -> raw spaces of its segments
+    cat_name: dict[int, str] = {}
 
     def new_space(w: int, reason: str | None = None) -> int:
         s = uf.new()
@@ -298,7 +378,6 @@ def analyse(model: nn.Module, input_size: tuple[int, ...], coupling: str = "inte
             m = mods[name]
             calls[name] = calls.get(name, 0) + 1
             if isinstance(m, nn.Conv2d):
-                spatial[name] = spatial.get(name, 0) + math.prod(shape[2:])
                 if _is_depthwise(m):
                     role.append(("dw", name, src))
                     space_of[node] = src
@@ -307,9 +386,13 @@ def analyse(model: nn.Module, input_size: tuple[int, ...], coupling: str = "inte
                     space_of[node] = new_space(out_w)
                     role.append(("producer", name, space_of[node]))
                 else:
-                    fix(ins, f"consumed by grouped conv '{name}' (groups={m.groups})")
-                    space_of[node] = new_space(out_w, f"produced by grouped conv '{name}'")
-                    role.append(("const", name, -1))
+                    # Grouped conv: channel-mixing within each of its groups.  Its input and
+                    # output spaces are pruned group-consistently (same count per group).
+                    role.append(("consumer", name, src))
+                    group_req.setdefault(src, []).append((m.groups, name))
+                    space_of[node] = new_space(out_w)
+                    group_req.setdefault(space_of[node], []).append((m.groups, name))
+                    role.append(("producer", name, space_of[node]))
                 continue
             if isinstance(m, nn.BatchNorm2d):
                 role.append(("cw", name, src))
@@ -332,8 +415,12 @@ def analyse(model: nn.Module, input_size: tuple[int, ...], coupling: str = "inte
                     fix(ins, f"reshaped by '{name}'")
                     space_of[node] = new_space(out_w, f"reshaped by '{name}'")
                 continue
-            if isinstance(m, _PASS_MODULES) and len(ins) == 1:
+            if (isinstance(m, _PASS_MODULES) or _is_drop_module(m)) and len(ins) == 1:
                 space_of[node] = src
+                continue
+            if _is_scale_module(m) and len(ins) == 1:
+                fix(ins, f"feeds the scale activation '{name}' (f(0) != 0)")
+                space_of[node] = new_space(out_w, f"produced by the scale activation '{name}'")
                 continue
             fix(ins, f"consumed by unsupported module '{name}' ({type(m).__name__})")
             space_of[node] = new_space(out_w, f"produced by unsupported module '{name}' "
@@ -351,10 +438,34 @@ def analyse(model: nn.Module, input_size: tuple[int, ...], coupling: str = "inte
             adds.append(s)
             space_of[node] = s
             continue
-        if (t in _PASS_FUNCTIONS or t in _PASS_METHODS) and len(ins) == 1 \
-                and _shape(ins[0])[:2] == shape[:2]:
+        if (t in _PASS_FUNCTIONS or t in _PASS_METHODS or label in _DROP_FUNCTION_NAMES) \
+                and len(ins) == 1 and _shape(ins[0])[:2] == shape[:2]:
             space_of[node] = src
             continue
+        if (t in _SCALE_FUNCTIONS or t in _SCALE_METHODS) and len(ins) == 1:
+            fix(ins, f"feeds the scale activation '{label}' (f(0) != 0)")
+            space_of[node] = new_space(out_w, f"produced by the scale activation '{label}'")
+            continue
+        if (t in _MUL_FUNCTIONS or t in _MUL_METHODS) and len(ins) == 2 and not node.kwargs:
+            se = _se_scale(node, ins, mods)
+            if se is not None:
+                x, conv = se
+                space_of[node] = space_of[x]
+                role.append(("scale", conv, space_of[x]))
+                continue
+        if t in _CAT_FUNCTIONS:
+            parts = node.args[0] if node.args else node.kwargs.get("tensors")
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+            if isinstance(parts, (list, tuple)) and parts and len(shape) >= 2 \
+                    and dim in (1, 1 - len(shape)) \
+                    and all(isinstance(a, fx.Node) and a in space_of for a in parts):
+                c = new_space(out_w)
+                segs: list[int] = []
+                for a in parts:
+                    segs.extend(cat_segs.get(space_of[a], [space_of[a]]))
+                cat_segs[c], cat_name[c] = segs, node.name
+                space_of[node] = c
+                continue
         if len(ins) == 1 and len(shape) == 2 and len(_shape(ins[0])) >= 2 \
                 and shape[0] == _shape(ins[0])[0] and shape[1] == math.prod(_shape(ins[0])[1:]) \
                 and (t in _FLATTEN_FUNCTIONS or t in _VIEW_METHODS):
@@ -381,6 +492,14 @@ def analyse(model: nn.Module, input_size: tuple[int, ...], coupling: str = "inte
         sp.fixed.extend(x for x in fixed[s] if x not in sp.fixed)
     for s in adds:
         spaces[uf.find(s)].has_add = True
+    for s, reqs in group_req.items():
+        sp = spaces[uf.find(s)]
+        for g, conv in reqs:
+            sp.groups = math.lcm(sp.groups, g)
+            if sp.width % sp.groups:
+                sp.fixed.append(f"grouped conv '{conv}' (groups={g}) does not divide it evenly")
+            elif sp.groups == sp.width:
+                sp.fixed.append(f"grouped conv '{conv}' (groups={g}) has one channel per group")
     for kind, name, s in role:
         if s < 0:
             continue
@@ -391,6 +510,8 @@ def analyse(model: nn.Module, input_size: tuple[int, ...], coupling: str = "inte
             sp.channelwise.append(name)
             if kind == "dw":
                 sp._dw.add(name)
+        elif kind == "scale":
+            sp.scales.append(name)
         elif kind == "consumer":
             if name in linear_in:
                 block = linear_in[name][1] // sp.width
@@ -400,6 +521,7 @@ def analyse(model: nn.Module, input_size: tuple[int, ...], coupling: str = "inte
             else:
                 sp.consumers.append((name, 1))
 
+    cats = _concats(cat_segs, cat_name, uf, spaces)
     node_space = {n: uf.find(s) for n, s in space_of.items()}
     warnings: list[str] = []
     for sp in spaces.values():
@@ -426,12 +548,99 @@ def analyse(model: nn.Module, input_size: tuple[int, ...], coupling: str = "inte
     ungated = [(sp.name, "; ".join(sp.fixed)) for sp in spaces.values()
                if sp.producers and sp.fixed]
 
-    costs, covered = _cost_model(mods, role, uf, spaces, linear_in, spatial)
+    # a concat whose segment is not gated after all (fixed while placing gates) keeps it whole
+    costs, covered = _cost_model(mods, role, uf, spaces, linear_in, spatial, cats)
+    for c in costs:
+        if c.kind == "linear":
+            c.calls = linear_calls.get(c.name, 0)
     total = sum(p.numel() for n, p in model.named_parameters()
                 if not any(n.startswith(s + ".") for s in skip))
     return Structure(spaces=spaces, units=ordered, ungated=ungated, costs=costs,
                      const_params=total - covered, input_size=tuple(input_size),
-                     warnings=warnings)
+                     warnings=warnings, cats=cats)
+
+
+def _eval_calls(model: nn.Module, gm: fx.GraphModule, input_size, dtype, device):
+    """{conv: output H·W summed over its calls}, {linear: calls} in one eval forward."""
+    spatial: dict[str, int] = {}
+    linear: dict[str, int] = {}
+    names = {m: n for n, m in model.named_modules()}
+
+    def hook(m, i, o):
+        n = names[m]
+        if isinstance(m, nn.Conv2d):
+            spatial[n] = spatial.get(n, 0) + math.prod(o.shape[2:])
+        else:
+            linear[n] = linear.get(n, 0) + math.prod(o.shape[1:-1])
+
+    hs = [m.register_forward_hook(hook) for m in model.modules()
+          if isinstance(m, (nn.Conv2d, nn.Linear))]
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.randn(*input_size, dtype=dtype, device=device))
+    finally:
+        for h in hs:
+            h.remove()
+        for m, t in modes.items():
+            m.training = t
+    return spatial, linear
+
+
+def _se_scale(node: fx.Node, ins: list[fx.Node], mods: dict) -> tuple[fx.Node, str] | None:
+    """If ``node`` is the multiply of a squeeze-excitation block, x * act(conv(...)) with act a
+    sigmoid-like gate of shape (N, C, 1, 1) read only here, return (x, the conv's name)."""
+    for x, s in ((ins[0], ins[1]), (ins[1], ins[0])):
+        xs, ss = _shape(x), _shape(s)
+        if len(xs) != 4 or len(ss) != 4 or ss[:2] != xs[:2] or ss[2:] != (1, 1) \
+                or _shape(node) != xs or len(s.users) != 1:
+            continue
+        is_act = (s.op == "call_module" and _is_scale_module(mods[s.target])) or (
+            s.op in ("call_function", "call_method") and (s.target in _SCALE_FUNCTIONS
+                                                          or s.target in _SCALE_METHODS))
+        if not is_act or len(s.all_input_nodes) != 1:
+            continue
+        c = s.all_input_nodes[0]
+        if c.op == "call_module" and isinstance(mods.get(c.target), nn.Conv2d) \
+                and mods[c.target].groups == 1 and len(c.users) == 1:
+            return x, c.target
+    return None
+
+
+def _concats(cat_segs: dict[int, list[int]], cat_name: dict[int, str], uf: _UnionFind,
+             spaces: dict[int, Space]) -> list[Cat]:
+    """Concatenations whose result is read only by channel-mixing consumers (through
+    zero-preserving ops): their segments can be gated, the consumers sliced at offsets.
+    Otherwise (a BN, an add, the output, ... reads the concat) every segment stays fixed."""
+    cats: list[Cat] = []
+    for c, segs in cat_segs.items():
+        sp = spaces[uf.find(c)]
+        why = None
+        if sp.fixed:
+            why = sp.fixed[0]
+        elif sp.channelwise:
+            why = f"is read by '{sp.channelwise[0]}' (BatchNorm / depthwise conv)"
+        elif sp.has_add or sp.producers:
+            why = "joins a residual add"
+        elif sp.groups > 1:
+            why = "is read by a grouped conv"
+        if why is not None:
+            for r in segs:
+                seg = spaces[uf.find(r)]
+                msg = f"concatenated by '{cat_name[c]}', whose result {why}"
+                if msg not in seg.fixed:
+                    seg.fixed.append(msg)
+            continue
+        if not sp.consumers:
+            continue  # only read by another concat: that one carries the segments
+        cat = Cat(id=len(cats), name=cat_name[c],
+                  segments=[(uf.find(r), spaces[uf.find(r)].width) for r in segs],
+                  consumers=list(sp.consumers))
+        cats.append(cat)
+        for r in dict.fromkeys(uf.find(r) for r in segs):
+            spaces[r].cats.append(cat.id)
+    return cats
 
 
 def _place_gates(sp: Space, gm: fx.GraphModule, node_space: dict, mods: dict,
@@ -484,14 +693,19 @@ def _place_gates(sp: Space, gm: fx.GraphModule, node_space: dict, mods: dict,
     sp.sites = sorted(set(sp.sites) | {n.target for n in sites})
 
 
-def _cost_model(mods, role, uf, spaces, linear_in, spatial) -> tuple[list[ModuleCost], int]:
+def _cost_model(mods, role, uf, spaces, linear_in, spatial,
+                cats) -> tuple[list[ModuleCost], int]:
     out_of: dict[str, int] = {}
     in_of: dict[str, int] = {}
+    cat_in: dict[str, tuple[tuple[int, int], ...]] = {}
+    for cat in cats:
+        for name, _ in cat.consumers:
+            cat_in[name] = tuple(cat.segments)
     for kind, name, s in role:
         if s < 0:
             continue
         r = uf.find(s)
-        if kind == "producer":
+        if kind in ("producer", "scale"):
             out_of[name] = r
         elif kind in ("cw", "dw"):
             out_of[name] = in_of[name] = r
@@ -508,11 +722,17 @@ def _cost_model(mods, role, uf, spaces, linear_in, spatial) -> tuple[list[Module
             o = None
         if i is not None and spaces[i].fixed:
             i = None
+        seg = cat_in.get(name)
+        if seg is not None:
+            # segments that are not gated keep their dense width (never in a widths dict
+            # with another value), so they can stay in the tuple
+            i = None
         if isinstance(m, nn.Conv2d):
             kind = "dwconv" if _is_depthwise(m) else "conv"
             c = ModuleCost(name, kind, o, i, dense, k=math.prod(m.kernel_size),
                            bias=m.bias is not None, out_dense=m.out_channels,
-                           in_dense=m.in_channels, groups=m.groups, spatial=spatial.get(name, 0))
+                           in_dense=m.in_channels, groups=m.groups, spatial=spatial.get(name, 0),
+                           in_cat=seg)
         elif isinstance(m, nn.BatchNorm2d):
             c = ModuleCost(name, "bn", o, i, dense, bias=m.affine, out_dense=m.num_features,
                            in_dense=m.num_features)
@@ -523,6 +743,8 @@ def _cost_model(mods, role, uf, spaces, linear_in, spatial) -> tuple[list[Module
                            bias=m.bias is not None, out_dense=m.out_features, in_dense=width)
             if name not in linear_in:
                 c.kind, c.k, c.in_dense = "linear", 1, m.in_features
+            elif seg is not None:
+                c.in_cat = tuple((s, d) for s, d in seg)  # k = features per channel
         else:
             continue
         costs.append(c)

@@ -126,6 +126,8 @@ class GatedConv2d(_Gated, nn.Conv2d):
             if self.padding_mode != "zeros" or isinstance(self.padding, str):
                 raise NotImplementedError("masked compact execution supports zero padding given "
                                           "as integers only")
+            if self.groups > 1 and self.weight.shape[1] > 1:
+                return self._grouped_compact(input, g)
             return self._paam_ops.masked_conv2d(
                 input, self.weight, self.bias, g, self._paam_out_idx, self._paam_in_idx,
                 list(self.stride), list(self.padding), list(self.dilation), self.groups, False)
@@ -134,6 +136,26 @@ class GatedConv2d(_Gated, nn.Conv2d):
         g = g.to(self.weight.dtype)
         bias = None if self.bias is None else self.bias * g
         return self._conv_forward(input, self.weight * g[:, None, None, None], bias)
+
+
+    def _grouped_compact(self, input: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
+        """Grouped (not depthwise) conv on alive channels, in plain PyTorch: each output row
+        reads the alive inputs of its own group (selection keeps as many in every group)."""
+        from .surgery import group_gather
+
+        w, b = self.weight, self.bias
+        if self._paam_in_idx is not None:
+            gather = group_gather(w.shape, self.groups, self._paam_in_idx)
+            w = w.gather(1, gather[:, :, None, None].expand(-1, -1, *w.shape[2:]))
+        out = self._paam_out_idx
+        if out is not None:
+            w = w.index_select(0, out)
+            b = None if b is None else b.index_select(0, out)
+        if g is not None:
+            gg = (g if out is None else g.index_select(0, out)).to(w.dtype)
+            w = w * gg[:, None, None, None]
+            b = None if b is None else b * gg
+        return F.conv2d(input, w, b, self.stride, self.padding, self.dilation, self.groups)
 
 
 class GatedLinear(_Gated, nn.Linear):

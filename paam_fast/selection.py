@@ -95,10 +95,34 @@ def choose(units: list[Space], gates: list[torch.Tensor], alive: list[torch.Tens
     total_of = structure.params if cost == "params" else structure.macs
     dense_w = structure.widths()
     w = dict(widths)
+    # A unit whose channels form G groups (a grouped conv reads or writes them) is selected in
+    # steps of G filters, the r-th best of every group, scored by their mean gate; widths are
+    # then G·count, and round_to applies to that width.  Below, for such a unit, "filter"
+    # means one such step and ``mult`` maps counts to widths.
+    full_gates, full_alive, mult = gates, alive, [getattr(u, "groups", 1) for u in units]
+    g_order: list[torch.Tensor | None] = [None] * len(units)  # (G, n) per-group ranking
+    gates, alive = list(gates), list(alive)
+    for i, (u, gm) in enumerate(zip(units, mult)):
+        if gm == 1:
+            continue
+        g2 = torch.where(full_alive[i], full_gates[i].double(), -math.inf).view(gm, -1)
+        per = int(full_alive[i].view(gm, -1).sum(1).min())
+        if int(full_alive[i].sum()) != gm * per:
+            raise ValueError(f"unit '{u.name}' has unequal alive counts across its {gm} groups")
+        g_order[i] = torch.argsort(g2, dim=1, descending=True, stable=True)[:, :per]
+        ranked = g2.gather(1, g_order[i]).mean(0)  # (per,)
+        gates[i] = ranked.to(full_gates[i].dtype)
+        alive[i] = torch.ones(per, dtype=torch.bool, device=full_alive[i].device)
     n_alive = [int(a.sum()) for a in alive]
-    floors = [min(n, max(1, math.ceil(min_keep * u.width))) for u, n in zip(units, n_alive)]
+    floors = [min(n, max(1, math.ceil(min_keep * u.width / gm)))
+              for u, n, gm in zip(units, n_alive, mult)]
     order = [torch.argsort(torch.where(a, g.double(), -math.inf), descending=True, stable=True)[:n]
              for g, a, n in zip(gates, alive, n_alive)]
+    # round_to on the width G·count: the count a multiple of round_to / gcd(round_to, G)
+    steps = [round_to // math.gcd(round_to, gm) for gm in mult]
+
+    def width(i: int, c: int) -> int:
+        return mult[i] * _round(c, steps[i], n_alive[i])
 
     count = [0] * len(units)
     budget = None
@@ -112,7 +136,7 @@ def choose(units: list[Space], gates: list[torch.Tensor], alive: list[torch.Tens
                              f"can remove need {floor_total:,} of the dense {total_of(dense_w):,}")
         for i, u in enumerate(units):
             count[i] = floors[i]
-            w[u.id] = _round(floors[i], round_to, n_alive[i])
+            w[u.id] = width(i, floors[i])
         total = total_of(w)
         if total > budget:
             raise ValueError(f"keep={keep} asks for {budget:,} {cost} but min_keep={min_keep} "
@@ -125,7 +149,7 @@ def choose(units: list[Space], gates: list[torch.Tensor], alive: list[torch.Tens
             if r != count[i]:  # an earlier, better filter of this unit did not fit
                 continue
             sid = units[i].id
-            new = _round(count[i] + 1, round_to, n_alive[i])
+            new = width(i, count[i] + 1)
             if new != w[sid]:
                 before = sum(fn(c, w) for c in touching[i])
                 old, w[sid] = w[sid], new
@@ -137,10 +161,13 @@ def choose(units: list[Space], gates: list[torch.Tensor], alive: list[torch.Tens
             count[i] += 1
         mode = "keep"
     else:
+        # a grouped unit's step weighs as its G filters
         vals = torch.cat([g[a].double() for g, a in zip(gates, alive)])
+        weight = torch.cat([torch.full((n,), float(gm), dtype=torch.float64)
+                            for n, gm in zip(n_alive, mult)])
         owner = torch.cat([torch.full((n,), i) for i, n in enumerate(n_alive)])
         srt, perm = torch.sort(vals, descending=True, stable=True)
-        csum = torch.cumsum(srt, 0)
+        csum = torch.cumsum(srt * weight[perm], 0)
         n_keep = int(torch.searchsorted(csum, mass * float(csum[-1]) * (1 - 1e-12)).item()) + 1
         n_keep = min(n_keep, int(vals.numel()))
         counts = torch.bincount(owner[perm[:n_keep]], minlength=len(units)).tolist()
@@ -148,11 +175,17 @@ def choose(units: list[Space], gates: list[torch.Tensor], alive: list[torch.Tens
             count[i] = max(counts[i], floors[i])
         mode = "mass"
     for i, u in enumerate(units):
-        w[u.id] = _round(count[i], round_to, n_alive[i])
+        w[u.id] = width(i, count[i])
     new_alive = {}
     for i, u in enumerate(units):
-        m = torch.zeros_like(alive[i])
-        m[order[i][: w[u.id]]] = True
+        if g_order[i] is None:
+            m = torch.zeros_like(alive[i])
+            m[order[i][: w[u.id]]] = True
+        else:  # the best w/G alive filters of every group
+            gm = mult[i]
+            m = torch.zeros_like(full_alive[i]).view(gm, -1)
+            m.scatter_(1, g_order[i][:, : w[u.id] // gm], True)
+            m = m.flatten()
         new_alive[u.name] = m
     return Selection(alive=new_alive, params=structure.params(w), flops=structure.macs(w),
                      dense_params=structure.params(dense_w), dense_flops=structure.macs(dense_w),
@@ -172,7 +205,10 @@ def uniform_alive(units: list[Space], structure: Structure, keep: float, cost: s
     def widths(r: float) -> dict[int, int]:
         w = dict(dense_w)
         for u in units:
-            w[u.id] = _round(max(1, math.ceil(r * u.width - 1e-9)), round_to, u.width)
+            gm = getattr(u, "groups", 1)
+            step = round_to // math.gcd(round_to, gm)
+            w[u.id] = gm * _round(max(1, math.ceil(r * u.width / gm - 1e-9)), step,
+                                  u.width // gm)
         return w
 
     if total_of(widths(0.0)) > budget:
@@ -184,7 +220,8 @@ def uniform_alive(units: list[Space], structure: Structure, keep: float, cost: s
     w = widths(lo)
     out = {}
     for u in units:
-        m = torch.zeros(u.width, dtype=torch.bool)
-        m[: w[u.id]] = True
-        out[u.name] = m
+        gm = getattr(u, "groups", 1)
+        m = torch.zeros(gm, u.width // gm, dtype=torch.bool)
+        m[:, : w[u.id] // gm] = True  # the first filters of every group
+        out[u.name] = m.flatten()
     return out

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["slice_param", "slice_buffer", "slice_space"]
+__all__ = ["slice_param", "slice_buffer", "slice_space", "slice_cats", "group_gather"]
 
 
 def slice_param(m: nn.Module, name: str, dim: int, idx: torch.Tensor,
@@ -25,20 +25,34 @@ def slice_param(m: nn.Module, name: str, dim: int, idx: torch.Tensor,
     one in place would leave autograd's cached shape of it stale while any graph that used it is
     alive), and the optimizer is pointed at the new one, its state sliced along.
     """
+    idx = idx.to(m._parameters[name].device)
+    _take_param(m, name, lambda t: t.index_select(dim, idx), optimizer)
+
+
+def _take_param(m: nn.Module, name: str, take, optimizer) -> None:
+    """Replace ``m.<name>`` by ``take(it)``; the gradient and every optimizer state tensor
+    shaped like it go through the same ``take``."""
     p = m._parameters[name]
-    idx = idx.to(p.device)
-    new = nn.Parameter(p.detach().index_select(dim, idx).clone(), requires_grad=p.requires_grad)
+    new = nn.Parameter(take(p.detach()).clone(), requires_grad=p.requires_grad)
     if p.grad is not None:
-        new.grad = p.grad.index_select(dim, idx).clone()
+        new.grad = take(p.grad).clone()
     if optimizer is not None:
         for group in optimizer.param_groups:
             group["params"] = [new if q is p else q for q in group["params"]]
         state = optimizer.state.pop(p, None)
         if state is not None:
             optimizer.state[new] = {
-                k: v.index_select(dim, idx).clone() if torch.is_tensor(v) and v.shape == p.shape
+                k: take(v).clone() if torch.is_tensor(v) and v.shape == p.shape
                 else v for k, v in state.items()}
     m._parameters[name] = new
+
+
+def group_gather(weight_shape, groups: int, idx: torch.Tensor) -> torch.Tensor:
+    """For a grouped conv of weight (C_out, C_in/G, kh, kw): the (C_out, k) positions inside
+    each row's group of the kept input channels ``idx`` (sorted, k per group)."""
+    cin_g = weight_shape[1]
+    pos = (idx % cin_g).view(groups, -1)
+    return pos.repeat_interleave(weight_shape[0] // groups, 0)
 
 
 def slice_buffer(m: nn.Module, name: str, dim: int, idx: torch.Tensor) -> None:
@@ -79,7 +93,15 @@ def _slice_out(m: nn.Module, idx: torch.Tensor, optimizer) -> None:
 
 def _slice_in(m: nn.Module, idx: torch.Tensor, block: int, optimizer) -> None:
     """Keep input channels ``idx`` of a conv, or their ``block`` features each of a Linear."""
-    if isinstance(m, nn.Conv2d):
+    if isinstance(m, nn.Conv2d) and m.groups > 1:
+        # grouped conv: each output row reads the kept channels of its own group
+        w = m.weight
+        gather = group_gather(w.shape, m.groups, idx.to(w.device))
+        full = gather[:, :, None, None].expand(-1, -1, *w.shape[2:])
+        _take_param(m, "weight", lambda t: t.gather(1, full), optimizer)
+        m.in_channels = int(idx.numel())
+        _forget(m, "_paam_in_idx")
+    elif isinstance(m, nn.Conv2d):
         slice_param(m, "weight", 1, idx, optimizer)
         m.in_channels = int(idx.numel())
         _forget(m, "_paam_in_idx")
@@ -109,3 +131,15 @@ def slice_space(mods: dict[str, nn.Module], producers: list[str], channelwise: l
         _slice_out(mods[name], idx, optimizer)
     for name, block in consumers:
         _slice_in(mods[name], idx, block, optimizer)
+
+
+def slice_cats(mods: dict[str, nn.Module], cats, kept: dict[int, torch.Tensor],
+               optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Slice the consumers of every concatenation (``graph.Cat``) one of whose segments lost
+    channels: ``kept`` maps a pruned space id to its kept dense indices (sorted)."""
+    for cat in cats:
+        if not any(sid in kept for sid, _ in cat.segments):
+            continue
+        idx = cat.index(kept)
+        for name, block in cat.consumers:
+            _slice_in(mods[name], idx, block, optimizer)

@@ -195,7 +195,7 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     """Fill recipe defaults and check the combination; raises UsageError."""
     r = RECIPES[args.dataset]
     args.arch = args.arch or r.arch
-    if args.arch not in ARCHS:
+    if args.arch not in ARCHS and not args.arch.startswith("timm:"):  # timm:<name>: get_model
         raise UsageError(f"unknown --arch {args.arch!r}; choose from {', '.join(ARCHS)}")
     args.epochs = args.epochs if args.epochs is not None else r.epochs
     args.batch_size = args.batch_size or r.batch_size
