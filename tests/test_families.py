@@ -1,0 +1,274 @@
+"""Drop-in on grouped convolutions, squeeze-excitation, concatenations and timm models (issue 12).
+
+Every family: paamify at 64×64, random BN statistics and scoring head, select(keep=0.5) lands
+within one selection step of the budget, masked == exported, the count is the hand count, no unit
+is empty, grouped convs keep their groups, and compact keeps an SGD optimizer's state for the
+kept rows.
+"""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import hand_count, randomize, rel
+from torch import nn
+
+import paam_fast as pf
+
+SIZE = (1, 3, 64, 64)
+
+
+def _tv(name, **kw):
+    import torchvision
+
+    return lambda: torchvision.models.get_model(name, weights=None, num_classes=10, **kw)
+
+
+def _timm(name):
+    pytest.importorskip("timm")
+    return lambda: pf.models.get_model(f"timm:{name}")
+
+
+def max_step_cost(model) -> int:
+    """The largest parameter cost of one selection step of any unit at dense widths: one
+    filter, or one filter per group for a unit a grouped conv reads or writes."""
+    ctrl = model.paam
+    w = ctrl.structure.widths()
+    best = 0
+    for u in ctrl.units:
+        cs = ctrl.structure.costs_touching(u.id)
+        w2 = dict(w)
+        w2[u.id] -= u.groups
+        best = max(best, sum(c.params(w) for c in cs) - sum(c.params(w2) for c in cs))
+    return best
+
+
+def check_prunes_to_half(model_fn, coupling):
+    """The truths of PAAM_METHOD.md §7 on one model; returns (paamified model, export)."""
+    dense = model_fn()
+    model = pf.paamify(model_fn(), coupling=coupling, input_size=SIZE)
+    model.load_state_dict(dense.state_dict(), strict=False)
+    randomize(model)
+    model.eval()
+    x = torch.randn(2, *SIZE[1:])
+    model(x)
+    dense_params = pf.count(model, SIZE)["params"]
+    sel = pf.select(model, keep=0.5)
+    for i, u in enumerate(model.paam.units):
+        per_group = model.paam.mask(i).view(u.groups, -1).sum(1)
+        assert int(per_group.min()) >= 1, u.name
+        assert bool((per_group == per_group[0]).all()), f"{u.name}: unequal groups {per_group}"
+    y_masked = model(x)
+    plain = pf.export(model)
+    assert rel(plain(x), y_masked) <= 1e-5
+    counted = pf.count(plain, SIZE)
+    assert counted == hand_count(plain, SIZE)
+    assert counted["params"] == sel.params and counted["flops"] == sel.flops
+    budget = 0.5 * dense_params
+    assert budget - max_step_cost(model) <= counted["params"] <= budget
+    dense_mods = dict(dense.named_modules())
+    for n, m in plain.named_modules():
+        d = dense_mods.get(n)
+        if isinstance(m, nn.Conv2d) and d.groups == d.in_channels == d.out_channels > 1:
+            assert m.groups == m.in_channels == m.out_channels, n  # depthwise stays depthwise
+        elif isinstance(m, nn.Conv2d):
+            assert m.groups == d.groups, n
+            assert m.in_channels % m.groups == 0 and m.out_channels % m.groups == 0, n
+            assert m.weight.shape[1] == m.in_channels // m.groups, n
+
+    # compact with SGD: the optimizer's state follows the kept rows.  Setting every momentum
+    # buffer to its parameter makes "sliced like the parameter" an equality after compaction.
+    work = copy.deepcopy(model)
+    opt = torch.optim.SGD(pf.param_groups(work), lr=0.1, momentum=0.9)
+    net_params = opt.param_groups[0]["params"]
+    for p in net_params:
+        opt.state[p]["momentum_buffer"] = p.detach().clone()
+    pf.compact(work, optimizer=opt)
+    assert {id(p) for p in opt.param_groups[0]["params"]} == {
+        id(p) for p in work.parameters()}
+    for p in opt.param_groups[0]["params"]:
+        assert torch.equal(opt.state[p]["momentum_buffer"], p.detach())
+    assert rel(work(x), y_masked) <= 1e-5
+    return model, plain
+
+
+def _pruned(plain, dense_fn, names):
+    dense = dict(dense_fn().named_modules())
+    mods = dict(plain.named_modules())
+    return [n for n in names if mods[n].weight.shape != dense[n].weight.shape]
+
+
+TORCHVISION = [
+    ("resnext50_32x4d", "internal", "grouped"),
+    ("regnet_x_400mf", "internal", "grouped"),
+    ("regnet_y_400mf", "internal", "se"),
+    ("regnet_y_400mf", "grouped", "se"),
+    ("efficientnet_b0", "internal", "se"),
+    ("googlenet", "internal", "cat"),
+]
+
+
+@pytest.mark.parametrize("name,coupling,family", TORCHVISION)
+def test_torchvision_family_prunes_to_half(name, coupling, family):
+    fn = _tv(name, **({"init_weights": False} if name == "googlenet" else {}))
+    model, plain = check_prunes_to_half(fn, coupling)
+    units = model.paam.units
+    mods = dict(model.named_modules())
+    if family == "grouped":  # the grouped convs' own channels and their inputs are gated
+        grouped = [n for n, m in mods.items() if isinstance(m, nn.Conv2d) and m.groups > 1]
+        assert any(n in u.producers for u in units for n in grouped)
+        assert any(n == c for u in units for c, _ in u.consumers for n in grouped)
+        assert _pruned(plain, fn, grouped)
+    elif family == "se":  # an SE's expand conv loses the rows of the channels it rescales
+        scales = [s for u in units for s in u.scales]
+        assert scales and _pruned(plain, fn, scales)
+    elif family == "cat":  # inception branches are gated, the concat's consumers sliced
+        cats = model.paam.structure.cats
+        assert cats
+        segs = {sid for c in cats for sid, _ in c.segments}
+        assert any(u.id in segs for u in units)
+        assert _pruned(plain, fn, [n for c in cats for n, _ in c.consumers])
+
+
+TIMM = [
+    ("resnet50d", "internal"),
+    ("resnext50_32x4d", "internal"),
+    ("efficientnet_b0", "internal"),
+    ("regnety_016", "internal"),
+    ("mobilenetv3_large_100", "internal"),
+    ("cspresnet50", "internal"),
+    ("dla34", "internal"),
+    ("repvgg_a0", "grouped"),
+]
+
+
+@pytest.mark.parametrize("name,coupling", TIMM)
+def test_timm_model_prunes_to_half(name, coupling):
+    check_prunes_to_half(_timm(name), coupling)
+
+
+def test_timm_repvgg_internal_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"no unit.*stem\.conv_1x1\.conv: feeds a residual add"):
+        pf.paamify(_timm("repvgg_a0")(), input_size=SIZE)
+
+
+def test_get_model_timm_unknown_name():
+    pytest.importorskip("timm")
+    with pytest.raises(ValueError, match="timm has no model 'no_such_net'"):
+        pf.models.get_model("timm:no_such_net")
+
+
+class Mixed(nn.Module):
+    """Small: a grouped conv, a squeeze-excitation, an inception-style concat, a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(16)
+        self.g = nn.Conv2d(16, 24, 3, padding=1, groups=4, bias=False)
+        self.bn1 = nn.BatchNorm2d(24)
+        self.fc1 = nn.Conv2d(24, 6, 1)
+        self.fc2 = nn.Conv2d(6, 24, 1)
+        self.a = nn.Conv2d(24, 8, 1, bias=False)
+        self.bna = nn.BatchNorm2d(8)
+        self.b = nn.Conv2d(24, 12, 3, padding=1, bias=False)
+        self.bnb = nn.BatchNorm2d(12)
+        self.head = nn.Linear(20 * 4, 5)
+
+    def forward(self, x):
+        x = F.relu(self.bn0(self.stem(x)))
+        x = F.relu(self.bn1(self.g(x)))
+        s = torch.sigmoid(self.fc2(F.relu(self.fc1(F.adaptive_avg_pool2d(x, 1)))))
+        x = x * s
+        x = torch.cat([F.relu(self.bna(self.a(x))), F.relu(self.bnb(self.b(x)))], 1)
+        x = F.max_pool2d(x, 2)
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 2), 1))
+
+
+def test_small_mixed_model_units():
+    model = pf.paamify(Mixed(), input_size=(1, 3, 16, 16))
+    units = {u.name: u for u in model.paam.units}
+    assert set(units) == {"stem", "g", "fc1", "a", "b"}
+    assert units["stem"].groups == 4 and units["g"].groups == 4
+    assert units["g"].scales == ["fc2"]
+    assert [c for c, _ in model.paam.structure.cats[0].consumers] == ["head"]
+
+
+@pytest.mark.parametrize("round_to", [1, 8])
+def test_small_mixed_model_prunes_trains_and_compacts(round_to):
+    torch.manual_seed(0)
+    model = pf.paamify(Mixed(), input_size=(1, 3, 16, 16)).double()
+    randomize(model)
+    opt = torch.optim.SGD(pf.param_groups(model), lr=0.05, momentum=0.9)
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    y = torch.randint(0, 5, (4,))
+    for _ in range(2):  # non-trivial momentum
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    model(x)
+    sel = pf.select(model, mass=0.5, round_to=round_to)
+    for u in model.paam.units:
+        w = sel.widths[u.name]
+        assert w % u.groups == 0
+        assert w % math.lcm(u.groups, round_to) == 0 or w == u.width
+    # masked, compact execution in train mode: training goes on through the pruned layers
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    g = model.get_submodule("g")
+    m_old = opt.state[g.weight]["momentum_buffer"].clone()
+    kept_in = torch.nonzero(model.paam.mask(0)).flatten()
+    kept_out = torch.nonzero(model.paam.mask(1)).flatten()
+    model.eval()
+    y_eval = model(x)
+    model.train()
+    masked = copy.deepcopy(model)
+    y_train = masked(x)
+    pf.compact(model, optimizer=opt)
+    model.eval()
+    assert rel(model(x), y_eval) <= 1e-10
+    model.train()
+    assert rel(model(x), y_train) <= 1e-10
+    g = model.get_submodule("g")
+    pos = (kept_in % 4).view(4, -1)  # kept inputs per group, positions in the group
+    want = torch.stack([m_old[o, pos[o // 6]] for o in range(24)])[kept_out]
+    assert torch.equal(opt.state[g.weight]["momentum_buffer"], want)
+    assert g.groups == 4 and g.in_channels == kept_in.numel()
+
+
+def test_concat_feeding_batchnorm_keeps_segments_ungated():
+    # DenseNet-style: a BN reads the concat, so a gated-off channel would not stay zero
+    class Dense(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 3, padding=1)
+            self.b = nn.Conv2d(3, 8, 3, padding=1)
+            self.bn = nn.BatchNorm2d(16)
+            self.c = nn.Conv2d(16, 4, 1)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            x = self.bn(torch.cat([self.a(x), self.b(x)], 1))
+            return self.head(torch.flatten(F.adaptive_avg_pool2d(self.c(x), 1), 1))
+
+    model = pf.paamify(Dense(), input_size=(1, 3, 8, 8))
+    assert [u.name for u in model.paam.units] == ["c"]
+    assert any("concatenated by 'cat', whose result is read by 'bn'" in r
+               for _, r in model.paam.structure.ungated)
+
+
+def test_every_channel_tied_to_a_concat_output_is_refused():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 3, padding=1)
+
+        def forward(self, x):
+            return torch.cat([self.a(x), x], 1)
+
+    with pytest.raises(ValueError, match=r"found no unit.*a: concatenated by 'cat', whose "
+                                         r"result reaches the model output"):
+        pf.paamify(Tied(), input_size=(1, 3, 8, 8))
