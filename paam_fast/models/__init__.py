@@ -38,9 +38,11 @@ def get_model(name: str, num_classes: int = 10) -> nn.Module:
         if arch not in timm.list_models():
             raise ValueError(f"timm has no model {arch!r} (timm.list_models() lists them)")
         return timm.create_model(arch, pretrained=False, num_classes=num_classes)
-    if name in TORCHVISION_ARCHS:
-        import torchvision
+    import torchvision
 
+    # the named ones are what the CLI lists; any other torchvision classifier works too
+    if name in TORCHVISION_ARCHS or name in torchvision.models.list_models(
+            module=torchvision.models):
         return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
     raise ValueError(f"unknown arch {name!r}; choose from {sorted(CIFAR_ARCHS)}, "
-                     f"{list(TORCHVISION_ARCHS)} or 'timm:<name>'")
+                     f"{list(TORCHVISION_ARCHS)} (or any torchvision classifier) or 'timm:<name>'")
