@@ -21,7 +21,22 @@ import time
 # CPU grid: ResNet20 on a 10k-image training subset, 15 epochs, selection at 30%, 50% params.
 BASE_CPU = ["--arch", "resnet20", "--epochs", "15", "--val", "5000", "--subset", "10000",
             "--keep", "0.5", "--round-to", "1", "--quiet"]
+# Issue 11's proxy, where allocation should matter more: all 45k remaining training images (or
+# --subset), cosine, keep 0.3, selection at ~25%; epochs and subset set on the command line
+# (--epochs, --subset) because the 2-core budget decides them.
+BASE_PROXY = ["--arch", "resnet20", "--val", "5000", "--keep", "0.3", "--round-to", "1",
+              "--schedule", "cosine", "--quiet"]
+BASES = {"cpu-small": BASE_CPU, "proxy": BASE_PROXY}
 GRIDS = {
+    "proxy": [
+        ("dense", ["--method", "dense"]),
+        ("uniform", ["--method", "uniform"]),
+        ("paam b0=0", ["--lam", "0.05", "--init-bias", "0"]),
+        ("paam b0=-2", ["--lam", "0.05", "--init-bias", "-2"]),
+        ("paam b0=-2 balance=unit", ["--lam", "0.05", "--init-bias", "-2",
+                                     "--penalty-balance", "unit"]),
+        ("slim lam=1e-4", ["--method", "slim", "--lam", "1e-4"]),
+    ],
     "cpu-small": [
         ("dense", ["--method", "dense"]),
         ("uniform", ["--method", "uniform"]),
@@ -66,7 +81,10 @@ def run_grid(args) -> None:
             if (name, seed) in done or (args.only and name not in args.only):
                 continue
             out = os.path.join(args.runs, f"{name.replace(' ', '_').replace('=', '')}-s{seed}")
-            base = BASE_CPU
+            base = list(BASES[args.grid])
+            if args.grid == "proxy":
+                base += ["--epochs", str(args.epochs), "--select-epoch", str(args.select_epoch)]
+                base += ["--subset", str(args.subset)] if args.subset else []
             if "--target" in extra:  # the target replaces the fixed budget
                 i = base.index("--keep")
                 base = base[:i] + base[i + 2:]
@@ -75,7 +93,10 @@ def run_grid(args) -> None:
             if os.path.exists(os.path.join(out, "ckpt.pt")):
                 cmd.append("--resume")
             t = time.time()
-            res = subprocess.run(cmd, capture_output=True, text=True)
+            env = dict(os.environ)
+            if args.src:  # an exported tree of one commit, not the shared working tree
+                env["PYTHONPATH"] = os.path.abspath(args.src)
+            res = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if res.returncode != 0:
                 print(f"FAILED {name} seed {seed}: {res.stderr[-2000:]}", flush=True)
                 continue
@@ -84,12 +105,24 @@ def run_grid(args) -> None:
                    "params": rep["params_final"], "params_dense": rep["params_dense"],
                    "flops": rep["flops_final"], "flops_dense": rep["flops_dense"],
                    "widths": {r["name"]: r["filters_final"] for r in rep["per_layer"]},
-                   "wall_s": time.time() - t, "commit": rep["commit"],
+                   "wall_s": time.time() - t,
+                   "commit": args.commit or rep["commit"],
+                   "per_unit": rep.get("widths"), "eval_before_bn": _before_bn(out),
                    "command": " ".join(cmd[1:]), "date": time.strftime("%Y-%m-%d")}
             with open(args.results, "a") as f:
                 f.write(json.dumps(row) + "\n")
             print(f"{name} seed {seed}: val {row['val_top1']:.2%}, params {row['params']:,}",
                   flush=True)
+
+
+def _before_bn(out: str) -> list:
+    """(epoch, val before, val after BN re-estimation) of the selection epochs."""
+    path = os.path.join(out, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    recs = [json.loads(x) for x in open(path)]
+    return [[r["epoch"], r["eval_acc_before_bn"], r["eval_acc"]] for r in recs
+            if "eval_acc_before_bn" in r]
 
 
 def summary(paths: list[str]) -> str:
@@ -125,7 +158,8 @@ def summary(paths: list[str]) -> str:
               "| setting | seed | val top-1 | params | MACs | widths of gated units | wall |",
               "|---|---|---|---|---|---|---|"]
     for r in rows:
-        gated = [w for n, w in r["widths"].items() if n.endswith("conv1") and "layer" in n]
+        gated = (list(r["per_unit"].values()) if r.get("per_unit") else
+                 [w for n, w in r["widths"].items() if n.endswith("conv1") and "layer" in n])
         lines.append(f"| {r['setting']} | {r['seed']} | {r['val_top1']:.2%} | {r['params']:,} | "
                      f"{r['flops']:,} | {' '.join(map(str, gated))} | {r['wall_s'] / 60:.1f} min |")
     return "\n".join(lines)
@@ -139,6 +173,12 @@ if __name__ == "__main__":
     ap.add_argument("--results", default="results/cifar_search.jsonl")
     ap.add_argument("--runs", default="runs/search")
     ap.add_argument("--only", nargs="+", default=None, help="run only these settings")
+    ap.add_argument("--epochs", type=int, default=8, help="proxy grid: epochs")
+    ap.add_argument("--select-epoch", type=int, default=2, help="proxy grid: selection epoch")
+    ap.add_argument("--subset", type=int, default=None, help="proxy grid: training images")
+    ap.add_argument("--src", default=None, help="run the code of this exported source tree "
+                    "(PYTHONPATH), e.g. `git archive HEAD | tar -x -C DIR`")
+    ap.add_argument("--commit", default=None, help="the commit --src was exported from")
     ap.add_argument("--summary", action="store_true")
     ap.add_argument("--more-results", nargs="*", default=[],
                     help="with --summary: further results files (runs of parallel drivers)")

@@ -647,6 +647,11 @@ class Run:
             # network's.  Both are logged; "eval_acc" is the re-estimated one.
             n = _reestimate_bn(self.model, self.data.train, self.args.bn_reestimate, self.dev,
                                self.args)
+            if self.d.world > 1:  # every rank saw its own shard: average, so replicas agree
+                for m in self.model.modules():
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+                        for buf in (m.running_mean, m.running_var):
+                            _all_sum(buf, self.d).div_(self.d.world)
             bn = {"eval_acc_before_bn": acc_eval, "bn_reestimate_batches": n}
             acc_eval = _evaluate(self.step_model, ev_loader, self.dev, self.args, self.d)
         rec = {"epoch": self.epoch, "loss": loss, "train_acc": acc, **bn,
