@@ -306,9 +306,11 @@ class PaamController(nn.Module):
             touching = self.structure.costs_touching(u.id)
             f = (lambda c, ww: c.params(ww)) if cost == "params" else (lambda c, ww: c.macs(ww))
             now = sum(f(c, w) for c in touching)
+            # a grouped unit loses one filter per group at a time: its cost per filter is a
+            # G-th of that (one filter alone would leave a width the groups do not divide)
             w2 = dict(w)
-            w2[u.id] = max(w[u.id] - 1, 0)
-            out.append(float(now - sum(f(c, w2) for c in touching)))
+            w2[u.id] = max(w[u.id] - u.groups, 0)
+            out.append(float(now - sum(f(c, w2) for c in touching)) / u.groups)
         return out
 
     def _pre_forward(self, module, args) -> None:

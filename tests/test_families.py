@@ -272,3 +272,11 @@ def test_every_channel_tied_to_a_concat_output_is_refused():
     with pytest.raises(ValueError, match=r"found no unit.*a: concatenated by 'cat', whose "
                                          r"result reaches the model output"):
         pf.paamify(Tied(), input_size=(1, 3, 8, 8))
+
+
+def test_grouped_unit_filter_cost_is_per_filter():
+    # stem: its row (3·3·3) + bn0 (γ, β) + one input channel of the groups=4 conv 'g', i.e.
+    # a quarter of g's 24 rows (6 rows · 3·3)
+    model = pf.paamify(Mixed(), input_size=(1, 3, 16, 16))
+    assert model.paam.units[0].name == "stem"
+    assert model.paam.filter_costs("params")[0] == 27 + 2 + 6 * 9
