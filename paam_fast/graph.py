@@ -458,7 +458,9 @@ def analyse(model: nn.Module, input_size: tuple[int, ...], coupling: str = "inte
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
             if isinstance(parts, (list, tuple)) and parts and len(shape) >= 2 \
                     and dim in (1, 1 - len(shape)) \
-                    and all(isinstance(a, fx.Node) and a in space_of for a in parts):
+                    and all(isinstance(a, fx.Node) and a in space_of for a in parts) \
+                    and all(_shape(a)[1] == width[space_of[a]] for a in parts):
+                # (each part's dim 1 must be its channels: not features flattened from them)
                 c = new_space(out_w)
                 segs: list[int] = []
                 for a in parts:

@@ -280,3 +280,21 @@ def test_grouped_unit_filter_cost_is_per_filter():
     model = pf.paamify(Mixed(), input_size=(1, 3, 16, 16))
     assert model.paam.units[0].name == "stem"
     assert model.paam.filter_costs("params")[0] == 27 + 2 + 6 * 9
+
+
+def test_concat_of_flattened_features_stays_ungated():
+    # features flattened from channels (C·H·W per sample) are not channels: no offsets to slice
+    class Flat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 4, 3, padding=1)
+            self.b = nn.Conv2d(3, 4, 3, padding=1)
+            self.head = nn.Linear(2 * 4 * 4, 2)
+
+        def forward(self, x):
+            x = F.adaptive_avg_pool2d(x, 2)
+            return self.head(torch.cat([torch.flatten(self.a(x), 1),
+                                        torch.flatten(self.b(x), 1)], 1))
+
+    with pytest.raises(ValueError, match="consumed by unsupported operation 'cat'"):
+        pf.paamify(Flat(), input_size=(1, 3, 8, 8))
