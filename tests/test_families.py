@@ -298,3 +298,19 @@ def test_concat_of_flattened_features_stays_ungated():
 
     with pytest.raises(ValueError, match="consumed by unsupported operation 'cat'"):
         pf.paamify(Flat(), input_size=(1, 3, 8, 8))
+
+
+def test_paam_train_takes_a_timm_arch(tmp_path):
+    pytest.importorskip("timm")
+    import json
+    import os
+
+    from paam_fast.train import main
+
+    out = str(tmp_path / "run")
+    assert main(["--epochs", "2", "--select-epoch", "1", "--arch", "timm:test_efficientnet",
+                 "--keep", "0.5", "--out", out, "--quiet"]) == 0
+    with open(os.path.join(out, "report.json")) as f:
+        rep = json.load(f)
+    assert rep["arch"] == "timm:test_efficientnet"
+    assert rep["params_final"] <= 0.5 * rep["params_dense"]
