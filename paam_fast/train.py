@@ -338,9 +338,10 @@ def _retrain_alive(ctrl, spec: dict) -> dict[str, torch.Tensor]:
             w = int(row[1])
         if not (1 <= w <= u.width):
             raise UsageError(f"--retrain: width {w} of unit {u.name!r} is not in [1, {u.width}]")
-        m = torch.zeros(u.width, dtype=torch.bool)
-        m[:w] = True
-        alive[u.name] = m
+        g = u.groups  # a grouped conv's unit: the same number in every group
+        m = torch.zeros(g, u.width // g, dtype=torch.bool)
+        m[:, : max(1, w // g)] = True
+        alive[u.name] = m.flatten()
     return alive
 
 
