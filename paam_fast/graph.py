@@ -5,8 +5,17 @@ no gradient).  Every tensor in the graph is assigned a *channel space*: the set 
 must be pruned together.  A channel-mixing conv starts a new space; channel-wise operations (BN,
 activations with f(0) = 0, pooling, dropout, depthwise convs, flatten) keep it; a residual add
 joins the spaces of its operands.  A space that reaches something we cannot slice (the model's
-input or output, a concat, an unknown module or function) is *fixed* and stays ungated, with the
-reason recorded so it can be listed.
+input or output, an unknown module or function) is *fixed* and stays ungated, with the reason
+recorded so it can be listed.  Three structures are sliced with care (issue 12):
+
+* a grouped conv (groups G > 1, not depthwise) mixes channels within each group: it consumes its
+  input space and produces a new one, and both are selected group-consistently (``Space.groups``:
+  the same number kept in each of G contiguous blocks), so it stays a valid ``nn.Conv2d``;
+* a squeeze-excitation multiply x * sigmoid(conv(...)) keeps x's space: a dropped channel of x is
+  zero whatever its scale, so the expand conv's rows go with x's channels (``Space.scales``);
+* a concat along channels whose result is read only by channel-mixing consumers (``Cat``): its
+  branches are gated, and the consumers sliced at each branch's offset.  A concat read by a BN,
+  an add or the output keeps every branch fixed (a BN would turn a zero channel non-zero).
 
 Why torch.fx and not Torch-Pruning's DependencyGraph: PAAM needs more than "which tensors must be
 pruned together" — it needs where along each producer's channel-wise chain the gate sits (after
@@ -57,6 +66,8 @@ _SCALE_METHODS = {"sigmoid", "sigmoid_"}
 # Per-sample drop of the whole residual branch (0 stays 0): identity in eval.
 _DROP_NAMES = {"StochasticDepth", "DropPath", "DropBlock2d"}
 _DROP_FUNCTION_NAMES = {"stochastic_depth", "drop_path"}
+# reshapes of an SE scale on its way to the multiply: y.view(b, c, 1, 1), y.expand_as(x)
+_SCALE_SHAPE_METHODS = {"view", "reshape", "expand_as", "expand", "unsqueeze"}
 
 
 def _is_scale_module(m: nn.Module) -> bool:
@@ -319,7 +330,8 @@ def analyse(model: nn.Module, input_size: tuple[int, ...], coupling: str = "inte
     p = next(iter(model.parameters()), None)
     dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
     device = p.device if p is not None else torch.device("cpu")
-    gm = _trace(model, torch.randn(*input_size, dtype=dtype, device=device))
+    example = torch.randn(*input_size, dtype=dtype, device=device)
+    gm = _trace(model, example)
     mods = dict(model.named_modules())
 
     uf = _UnionFind()
@@ -331,11 +343,12 @@ def analyse(model: nn.Module, input_size: tuple[int, ...], coupling: str = "inte
     calls: dict[str, int] = {}
     # MACs are counted as the model computes in eval mode (paam_fast.count's convention): a
     # branch only the training forward takes (GoogLeNet's aux classifiers) costs no FLOPs.
-    spatial, linear_calls = _eval_calls(model, gm, input_size, dtype, device)
+    spatial, linear_calls = _eval_calls(model, example)
     adds: list[int] = []
     group_req: dict[int, list[tuple[int, str]]] = {}  # raw space -> (groups, conv) constraints
     cat_segs: dict[int, list[int]] = {}  # raw space of a concat -> raw spaces of its segments
     cat_name: dict[int, str] = {}
+    scale_raw: set[int] = set()  # raw spaces of scale activations' outputs (and their reshapes)
 
     def new_space(w: int, reason: str | None = None) -> int:
         s = uf.new()
@@ -421,6 +434,7 @@ def analyse(model: nn.Module, input_size: tuple[int, ...], coupling: str = "inte
             if _is_scale_module(m) and len(ins) == 1:
                 fix(ins, f"feeds the scale activation '{name}' (f(0) != 0)")
                 space_of[node] = new_space(out_w, f"produced by the scale activation '{name}'")
+                scale_raw.add(space_of[node])
                 continue
             fix(ins, f"consumed by unsupported module '{name}' ({type(m).__name__})")
             space_of[node] = new_space(out_w, f"produced by unsupported module '{name}' "
@@ -445,6 +459,13 @@ def analyse(model: nn.Module, input_size: tuple[int, ...], coupling: str = "inte
         if (t in _SCALE_FUNCTIONS or t in _SCALE_METHODS) and len(ins) == 1:
             fix(ins, f"feeds the scale activation '{label}' (f(0) != 0)")
             space_of[node] = new_space(out_w, f"produced by the scale activation '{label}'")
+            scale_raw.add(space_of[node])
+            continue
+        if t in _SCALE_SHAPE_METHODS and node.args and isinstance(node.args[0], fx.Node) \
+                and space_of.get(node.args[0]) in scale_raw:
+            # a reshape / expand of a scale: other inputs (expand_as(x)) only give the shape
+            space_of[node] = new_space(out_w, f"a reshaped scale ('{label}')")
+            scale_raw.add(space_of[node])
             continue
         if (t in _MUL_FUNCTIONS or t in _MUL_METHODS) and len(ins) == 2 and not node.kwargs:
             se = _se_scale(node, ins, mods)
@@ -562,8 +583,9 @@ def analyse(model: nn.Module, input_size: tuple[int, ...], coupling: str = "inte
                      warnings=warnings, cats=cats)
 
 
-def _eval_calls(model: nn.Module, gm: fx.GraphModule, input_size, dtype, device):
-    """{conv: output H·W summed over its calls}, {linear: calls} in one eval forward."""
+def _eval_calls(model: nn.Module, example: torch.Tensor):
+    """{conv: output H·W summed over its calls}, {linear: calls} in one eval forward (on the
+    example input already drawn: the global random stream is left as one draw moved it)."""
     spatial: dict[str, int] = {}
     linear: dict[str, int] = {}
     names = {m: n for n, m in model.named_modules()}
@@ -581,7 +603,7 @@ def _eval_calls(model: nn.Module, gm: fx.GraphModule, input_size, dtype, device)
     try:
         model.eval()
         with torch.no_grad():
-            model(torch.randn(*input_size, dtype=dtype, device=device))
+            model(example)
     finally:
         for h in hs:
             h.remove()
@@ -591,12 +613,19 @@ def _eval_calls(model: nn.Module, gm: fx.GraphModule, input_size, dtype, device)
 
 
 def _se_scale(node: fx.Node, ins: list[fx.Node], mods: dict) -> tuple[fx.Node, str] | None:
-    """If ``node`` is the multiply of a squeeze-excitation block, x * act(conv(...)) with act a
-    sigmoid-like gate of shape (N, C, 1, 1) read only here, return (x, the conv's name)."""
+    """If ``node`` is the multiply of a squeeze-excitation block, x * act(fc(...)) with act a
+    sigmoid-like gate of one value per (sample, channel) of x (shape (N, C, 1, 1), or (N, C)
+    reshaped / expanded to it) read only here, and fc a 1×1 conv or a Linear, return
+    (x, fc's name)."""
     for x, s in ((ins[0], ins[1]), (ins[1], ins[0])):
-        xs, ss = _shape(x), _shape(s)
-        if len(xs) != 4 or len(ss) != 4 or ss[:2] != xs[:2] or ss[2:] != (1, 1) \
-                or _shape(node) != xs or len(s.users) != 1:
+        xs = _shape(x)
+        if len(xs) != 4 or _shape(node) != xs or len(s.users) != 1:
+            continue
+        while s.op == "call_method" and s.target in _SCALE_SHAPE_METHODS and s.args \
+                and isinstance(s.args[0], fx.Node) and len(s.args[0].users) == 1:
+            s = s.args[0]
+        ss = _shape(s) if _is_tensor(s) else ()
+        if len(ss) < 2 or ss[:2] != xs[:2] or math.prod(ss[2:]) != 1:
             continue
         is_act = (s.op == "call_module" and _is_scale_module(mods[s.target])) or (
             s.op in ("call_function", "call_method") and (s.target in _SCALE_FUNCTIONS
@@ -604,8 +633,9 @@ def _se_scale(node: fx.Node, ins: list[fx.Node], mods: dict) -> tuple[fx.Node, s
         if not is_act or len(s.all_input_nodes) != 1:
             continue
         c = s.all_input_nodes[0]
-        if c.op == "call_module" and isinstance(mods.get(c.target), nn.Conv2d) \
-                and mods[c.target].groups == 1 and len(c.users) == 1:
+        m = mods.get(c.target) if c.op == "call_module" else None
+        if ((isinstance(m, nn.Conv2d) and m.groups == 1) or isinstance(m, nn.Linear)) \
+                and len(c.users) == 1:
             return x, c.target
     return None
 
@@ -741,7 +771,7 @@ def _cost_model(mods, role, uf, spaces, linear_in, spatial,
         elif isinstance(m, nn.Linear):
             width = (spaces[uf.find(linear_in[name][0])].width if name in linear_in
                      else m.in_features)
-            c = ModuleCost(name, "linear", None, i, dense, k=m.in_features // max(width, 1),
+            c = ModuleCost(name, "linear", o, i, dense, k=m.in_features // max(width, 1),
                            bias=m.bias is not None, out_dense=m.out_features, in_dense=width)
             if name not in linear_in:
                 c.kind, c.k, c.in_dense = "linear", 1, m.in_features

@@ -160,9 +160,16 @@ class GatedConv2d(_Gated, nn.Conv2d):
 
 class GatedLinear(_Gated, nn.Linear):
     """nn.Linear reading only the alive input features in masked mode's compact execution
-    (a classifier after flatten).  Otherwise exactly nn.Linear."""
+    (a classifier after flatten), or writing only the alive rows (a squeeze-excitation's expand
+    layer).  Otherwise exactly nn.Linear."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self._paam_out_idx is not None:  # a squeeze-excitation's expand layer: alive rows
+            w, b, idx = self.weight, self.bias, self._paam_out_idx
+            w = w.index_select(0, idx)
+            if self._paam_in_idx is not None:
+                w = w.index_select(1, self._paam_in_idx)
+            return F.linear(input, w, None if b is None else b.index_select(0, idx))
         if self._paam_in_idx is None:
             return super().forward(input)
         return self._paam_ops.masked_linear(input, self.weight, self.bias, self._paam_in_idx,

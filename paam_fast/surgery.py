@@ -85,6 +85,11 @@ def _slice_out(m: nn.Module, idx: torch.Tensor, optimizer) -> None:
         slice_buffer(m, "running_mean", 0, idx)
         slice_buffer(m, "running_var", 0, idx)
         m.num_features = n
+    elif isinstance(m, nn.Linear):  # a squeeze-excitation's expand layer
+        slice_param(m, "weight", 0, idx, optimizer)
+        if m.bias is not None:
+            slice_param(m, "bias", 0, idx, optimizer)
+        m.out_features = n
     else:
         raise TypeError(f"cannot slice the output channels of {type(m).__name__}")
     slice_buffer(m, "paam_gate", 0, idx)

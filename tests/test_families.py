@@ -314,3 +314,44 @@ def test_paam_train_takes_a_timm_arch(tmp_path):
         rep = json.load(f)
     assert rep["arch"] == "timm:test_efficientnet"
     assert rep["params_final"] <= 0.5 * rep["params_dense"]
+
+
+class SELayer(nn.Module):
+    """The hand-written SE of many repositories: Linear layers, view and expand_as."""
+
+    def __init__(self, c, r=4):
+        super().__init__()
+        self.avg_pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Sequential(nn.Linear(c, c // r, bias=False), nn.ReLU(inplace=True),
+                                nn.Linear(c // r, c, bias=True), nn.Sigmoid())
+
+    def forward(self, x):
+        b, c, _, _ = x.size()
+        y = self.avg_pool(x).view(b, c)
+        y = self.fc(y).view(b, c, 1, 1)
+        return x * y.expand_as(x)
+
+
+class SENet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.se = SELayer(16)
+        self.conv2 = nn.Conv2d(16, 12, 3, stride=2, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(12)
+        self.head = nn.Linear(12, 10)
+
+    def forward(self, x):
+        x = self.se(F.relu(self.bn1(self.conv1(x))))
+        x = F.relu(self.bn2(self.conv2(x)))
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def test_plain_op_se_with_linear_layers_prunes():
+    model = pf.paamify(SENet(), input_size=SIZE)
+    unit = model.paam.units[0]
+    assert unit.name == "conv1" and unit.scales == ["se.fc.2"]
+    _, plain = check_prunes_to_half(SENet, "internal")
+    assert plain.se.fc[2].out_features == plain.conv1.out_channels < 16
+    assert plain.se.fc[0].in_features == plain.conv1.out_channels
