@@ -36,6 +36,9 @@ GRIDS = {
         ("paam b0=-2 balance=unit", ["--lam", "0.05", "--init-bias", "-2",
                                      "--penalty-balance", "unit"]),
         ("slim lam=1e-4", ["--method", "slim", "--lam", "1e-4"]),
+        # is it the allocation or the training? PAAM's widths (same seed) trained from scratch
+        ("retrain paam b0=-2", ["--retrain", "{runs}/paam_b0-2-s{seed}"]),
+        ("retrain paam b0=0", ["--retrain", "{runs}/paam_b00-s{seed}"]),
     ],
     "cpu-small": [
         ("dense", ["--method", "dense"]),
@@ -81,6 +84,7 @@ def run_grid(args) -> None:
             if (name, seed) in done or (args.only and name not in args.only):
                 continue
             out = os.path.join(args.runs, f"{name.replace(' ', '_').replace('=', '')}-s{seed}")
+            extra = [x.format(seed=seed, runs=args.runs) for x in extra]
             base = list(BASES[args.grid])
             if args.grid == "proxy":
                 base += ["--epochs", str(args.epochs), "--select-epoch", str(args.select_epoch)]
