@@ -7,6 +7,7 @@ or the reason the model was refused (no unit, an unreachable budget, a trace fai
 
     python benchmarks/model_table.py                      # all, markdown table on stdout
     python benchmarks/model_table.py --only resnet18,timm:dla34 --json out.json
+    python benchmarks/model_table.py --from-json out.json   # render a saved run
 
 Each model runs in its own subprocess (``--timeout`` seconds), so a huge one (vit_h_14,
 regnet_y_128gf) cannot take the others down with it.  README.md's table is this script's output.
@@ -106,7 +107,8 @@ def _cell(c: dict | None) -> str:
     if c is None:
         return "not run"
     if c["status"] == "ok":
-        return f"ok, {c['kept']:.3f} kept ({c['units']} units)"
+        at = f", at {c['size']}×{c['size']}" if c.get("size", 64) != 64 else ""
+        return f"ok, {c['kept']:.3f} kept ({c['units']} units{at})"
     if c["status"] == "mismatch":
         return f"**export differs** (rel {c['rel_err']:.1e})"
     if c["status"] == "error":
@@ -127,6 +129,27 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _meta(size: int) -> dict:
+    import platform
+
+    import torch
+    import torchvision
+
+    try:
+        import timm
+        timm_v = timm.__version__
+    except ImportError:
+        timm_v = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except OSError:
+        commit = None
+    return {"torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm_v,
+            "commit": commit, "python": platform.python_version(), "size": size,
+            "device": "cpu", "dtype": "float32", "keep": 0.5}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", default="", help="comma-separated names (timm ones as timm:<name>)")
@@ -134,8 +157,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=int, default=900, help="seconds per model")
     ap.add_argument("--json", default=None, help="also write the rows as JSON here")
     ap.add_argument("--no-timm", action="store_true", help="torchvision models only")
+    ap.add_argument("--from-json", default=None, help="only render the table of a --json file")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.from_json:
+        with open(args.from_json) as f:
+            data = json.load(f)
+        print(markdown(data["rows"] if isinstance(data, dict) else data))
+        return 0
     if args.worker:
         print(json.dumps(worker(args.worker, args.size)))
         return 0
@@ -166,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr, flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+            json.dump({"meta": _meta(args.size), "rows": rows}, f, indent=1)
     print(markdown(rows))
     return 0
 
