@@ -21,6 +21,10 @@ if sources and os.environ.get("PAAM_FAST_BUILD_EXT", "1") != "0":
     cuda_sources = sorted(glob.glob("csrc/*.cu"))
     use_cuda = bool(cuda_sources) and cpp_extension.CUDA_HOME is not None and \
         os.environ.get("PAAM_FAST_BUILD_CUDA", "1") != "0"
+    if use_cuda:
+        # Without a visible GPU, torch's build asks the (absent) device for its architecture
+        # and fails (IndexError); the H200 (sm_90) is the target unless the caller says more.
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
     Ext = cpp_extension.CUDAExtension if use_cuda else cpp_extension.CppExtension
     ext_modules = [Ext("paam_fast._C", sources + (cuda_sources if use_cuda else []),
                        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]} if use_cuda

@@ -29,7 +29,8 @@ def _requested() -> str | None:
     return value
 
 
-def _triton_problem(device: torch.device | None, dtype: torch.dtype | None) -> str | None:
+def _triton_problem(device: torch.device | None, dtype: torch.dtype | None,
+                    dim: int | None = None) -> str | None:
     """Why the Triton scoring path cannot run here, or None."""
     try:
         import triton  # noqa: F401
@@ -43,16 +44,21 @@ def _triton_problem(device: torch.device | None, dtype: torch.dtype | None) -> s
         return "no CUDA GPU (TRITON_INTERPRET=1 runs the kernels on the CPU)"
     if dtype is not None and dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return f"the kernels take fp32/bf16/fp16 parameters, not {dtype}"
+    from .triton_scoring import MAX_DIM
+
+    if dim is not None and dim > MAX_DIM:
+        return f"the kernels take an attention width dim <= {MAX_DIM}, this model has dim={dim}"
     return None
 
 
-def scoring_backend(device: torch.device | None = None,
-                    dtype: torch.dtype | None = None) -> tuple[str, str]:
-    """(backend, reason) for the scoring op on ``device`` with parameters of ``dtype``."""
+def scoring_backend(device: torch.device | None = None, dtype: torch.dtype | None = None,
+                    dim: int | None = None) -> tuple[str, str]:
+    """(backend, reason) for the scoring op on ``device`` with parameters of ``dtype`` and
+    attention width ``dim``."""
     req = _requested()
     if req == "reference":
         return "reference", "forced by PAAM_FAST_BACKEND=reference"
-    problem = _triton_problem(device, dtype)
+    problem = _triton_problem(device, dtype, dim)
     if req == "triton":
         if problem:
             raise RuntimeError(f"PAAM_FAST_BACKEND=triton, but {problem}")
@@ -85,6 +91,16 @@ class _ExtOps:
         return torch.ops.paam_fast.masked_linear(*args, **kw)
 
 
+class _RefOps:
+    """The reference ops (``paam_fast.masked_ops``) under the same names.  A class, not the
+    module itself: modules hold this namespace, and a module object would make a masked model
+    impossible to deepcopy or pickle."""
+
+    masked_conv2d = staticmethod(masked_ops.masked_conv2d)
+    masked_batch_norm = staticmethod(masked_ops.masked_batch_norm)
+    masked_linear = staticmethod(masked_ops.masked_linear)
+
+
 def masked_backend() -> tuple[str, str]:
     """(backend, reason) of the mask-aware compacted conv/BN/linear ops."""
     if _requested() == "reference":
@@ -96,7 +112,7 @@ def masked_backend() -> tuple[str, str]:
 
 def masked():
     """The namespace of masked_conv2d / masked_batch_norm / masked_linear to call."""
-    return _ExtOps if masked_backend()[0] == "cpp" else masked_ops
+    return _ExtOps if masked_backend()[0] == "cpp" else _RefOps
 
 
 def describe() -> dict[str, tuple[str, str]]:

@@ -27,7 +27,20 @@ def info() -> dict:
         "cuda available": torch.cuda.is_available(),
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "backends": dispatch.describe(),
+        "triton scoring dots (fp32 / bf16 models)": _dots(),
     }
+
+
+def _dots() -> str:
+    try:
+        import torch
+
+        from .triton_scoring import MAX_DIM, dot_mode
+
+        return (f"{dot_mode(torch.float32)} / {dot_mode(torch.bfloat16)} "
+                f"(PAAM_FAST_TRITON_DOT overrides; dim <= {MAX_DIM})")
+    except Exception as e:  # a bad PAAM_FAST_TRITON_DOT is reported, not raised, here
+        return f"error: {e}"
 
 
 def main() -> None:

@@ -193,7 +193,7 @@ class PaamController(nn.Module):
 
     def _triton(self) -> bool:
         p = self.groups[0].wq
-        return dispatch.scoring_backend(p.device, p.dtype)[0] == "triton"
+        return dispatch.scoring_backend(p.device, p.dtype, self.dim)[0] == "triton"
 
     def unit_gates(self, detach: bool = True) -> list[torch.Tensor]:
         """Per unit (F,) gates of the last forward (frozen gates once frozen)."""

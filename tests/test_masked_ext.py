@@ -251,3 +251,19 @@ def test_jit_build_when_not_prebuilt(tmp_path):
     res = subprocess.run([sys.executable, "-m", "paam_fast.info"], env=env, capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 0 and "disabled by PAAM_FAST_EXT=0" in res.stdout
+
+
+def test_masked_model_deepcopies_on_the_reference_ops(monkeypatch):
+    # the modules hold the ops' namespace: with the extension off it must still be copyable
+    import copy
+
+    monkeypatch.setenv("PAAM_FAST_EXT", "0")
+    monkeypatch.setenv("PAAM_FAST_BACKEND", "reference")
+    net = pf.paamify(pf.models.resnet20(), input_size=(1, 3, 32, 32))
+    net.paam.masked_compute = "compact"
+    alive = {u.name: torch.arange(u.width) % 2 == 0 for u in net.paam.units}
+    pf.apply_masks(net, alive)
+    twin = copy.deepcopy(net)
+    x = torch.randn(2, 3, 32, 32)
+    net.eval(), twin.eval()
+    torch.testing.assert_close(twin(x), net(x))

@@ -36,8 +36,32 @@ def _chain(widths, ks, grouped_dw=False):
     return nn.Sequential(*layers)
 
 
+class _WideResidual(nn.Module):
+    """ResNet50's grouped layer 4 at reduced size: one residual group of F = 200 channels (13
+    blocks of 16 rows in the interpreter, so the attention crosses many query and key blocks and
+    the unit's max and dL/dmax cross programs) tied across three producers, whose tokens
+    concatenate (D = 27 + 2·144), and two inner units."""
+
+    def __init__(self, f: int = 200, inner: int = 16):
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(3, f, 3, padding=1), nn.BatchNorm2d(f)
+        self.blocks = nn.ModuleList()
+        for _ in range(2):
+            self.blocks.append(nn.ModuleDict({
+                "c1": nn.Conv2d(f, inner, 1), "b1": nn.BatchNorm2d(inner),
+                "c2": nn.Conv2d(inner, f, 3, padding=1), "b2": nn.BatchNorm2d(f)}))
+        self.head = nn.Linear(f, 3)
+
+    def forward(self, x):
+        x = F.relu(self.bn0(self.stem(x)))
+        for b in self.blocks:
+            x = F.relu(x + b["b2"](b["c2"](F.relu(b["b1"](b["c1"](x))))))
+        return self.head(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
 CASES = [
     ("odd shapes", lambda: _chain([1, 3, 7, 13], [3, 1, 3, 1]), "internal", 8),
+    ("large F grouped (ResNet50 layer 4, reduced)", _WideResidual, "grouped", 32),
     ("F=129", lambda: _chain([129, 5], [1, 1]), "internal", 16),
     ("depthwise", lambda: _chain([6, 5, 9], [1, 1, 1], grouped_dw=True), "internal", 8),
     ("grouped, several producers", lambda: pf.models.resnet20(), "grouped_cifar", 8),
@@ -143,6 +167,22 @@ def test_bf16_error_within_twice_plain_pytorch(monkeypatch):
         assert (t - x).abs().max() <= 2 * (r - x).abs().max() + floor, i
 
 
+def test_bf16_large_grouped_unit_within_twice_plain_pytorch(monkeypatch):
+    net = _models(_WideResidual, "grouped", 32)
+    ref = __import__("copy").deepcopy(net).double()
+    g64, d64 = _gates_and_grads(ref, torch.float64, "reference", monkeypatch)
+    bf = __import__("copy").deepcopy(net).to(torch.bfloat16)
+    g_ref_bf, d_ref_bf = _gates_and_grads(bf, torch.bfloat16, "reference", monkeypatch)
+    g_tr_bf, d_tr_bf = _gates_and_grads(bf.to(DEV), torch.bfloat16, "triton", monkeypatch)
+    n_gates = len(net.paam.group_units)
+    for i, (t, r, x) in enumerate(zip(g_tr_bf, g_ref_bf, g64)):
+        floor = 1e-3 if i < n_gates else 2 ** -7 * float(x.abs().max())
+        assert (t - x).abs().max() <= 2 * (r - x).abs().max() + floor, i
+    for t, r, x in zip(d_tr_bf, d_ref_bf, d64):  # every gradient too, same bound
+        assert torch.isfinite(t).all()
+        assert (t - x).abs().max() <= 2 * (r - x).abs().max() + 2 ** -7 * float(x.abs().max())
+
+
 def test_twenty_steps_triton_vs_reference(monkeypatch):
     def run(backend):
         monkeypatch.setenv("PAAM_FAST_BACKEND", backend)
@@ -224,8 +264,11 @@ def test_tf32_dots_stay_close_to_float64(monkeypatch):
 
 
 def test_dot_mode_is_checked(monkeypatch):
-    from paam_fast.triton_scoring import _ieee
+    from paam_fast.triton_scoring import dot_mode
 
+    assert dot_mode(torch.float32) == "tf32x3" and dot_mode(torch.bfloat16) == "bf16"
+    monkeypatch.setenv("PAAM_FAST_TRITON_DOT", "ieee")
+    assert dot_mode(torch.float32) == "ieee"
     monkeypatch.setenv("PAAM_FAST_TRITON_DOT", "fp8")
     with pytest.raises(ValueError, match="PAAM_FAST_TRITON_DOT"):
-        _ieee()
+        dot_mode(torch.float32)
