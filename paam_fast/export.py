@@ -86,6 +86,7 @@ def export(model: nn.Module) -> nn.Module:
             _fold(m)
             _set(plain, name, recast(m, nn.Conv2d))
         elif isinstance(m, GatedLinear):
+            _fold(m)
             _set(plain, name, recast(m, nn.Linear))
     for name, m in list(plain.named_modules()):
         if isinstance(m, GatedConvBN2d):

@@ -349,6 +349,9 @@ def analyse(model: nn.Module, input_size: tuple[int, ...], coupling: str = "inte
     cat_segs: dict[int, list[int]] = {}  # raw space of a concat -> raw spaces of its segments
     cat_name: dict[int, str] = {}
     scale_raw: set[int] = set()  # raw spaces of scale activations' outputs (and their reshapes)
+    # raw spaces whose channels are the *last* dim: the hidden features of a Linear applied to
+    # (N, ..., C) tensors (a transformer / ConvNeXt MLP); only elementwise ops keep them
+    last_raw: set[int] = set()
 
     def new_space(w: int, reason: str | None = None) -> int:
         s = uf.new()
@@ -378,6 +381,10 @@ def analyse(model: nn.Module, input_size: tuple[int, ...], coupling: str = "inte
         out_w = shape[1] if len(shape) >= 2 else 1
         ins = tensor_args(node)
         src = space_of[ins[0]] if ins else None
+        if any(space_of[a] in last_raw for a in ins) and not _keeps_last(node, ins, mods):
+            fix(ins, f"its last-dim channels are read by '{node.target}' (node {node.name})")
+            space_of[node] = new_space(out_w, f"produced by '{node.target}'")
+            continue
         if node.op == "placeholder":
             space_of[node] = new_space(out_w, "carries the model input")
             continue
@@ -416,10 +423,19 @@ def analyse(model: nn.Module, input_size: tuple[int, ...], coupling: str = "inte
                 if len(in_shape) == 2:
                     role.append(("consumer", name, src))
                     linear_in[name] = (src, in_shape[1])
+                    space_of[node] = new_space(out_w, f"features of Linear '{name}'")
+                    continue
+                # (N, ..., C): a token / channels-last MLP layer.  It reads a last-dim space
+                # as a channel-mixing consumer, and its own outputs are one (a unit when an
+                # elementwise chain takes them to another such Linear).
+                if src in last_raw:
+                    role.append(("consumer", name, src))
+                    linear_in[name] = (src, in_shape[-1])
                 else:
-                    fix(ins, f"read by Linear '{name}' along a non-channel dimension")
-                    role.append(("const", name, -1))
-                space_of[node] = new_space(out_w, f"features of Linear '{name}'")
+                    fix(ins, f"read by Linear '{name}' along its last dimension")
+                space_of[node] = new_space(shape[-1])
+                last_raw.add(space_of[node])
+                role.append(("producer", name, space_of[node]))
                 continue
             if isinstance(m, nn.Flatten):
                 if m.start_dim == 1 and len(shape) == 2:
@@ -447,7 +463,8 @@ def analyse(model: nn.Module, input_size: tuple[int, ...], coupling: str = "inte
         label = t if isinstance(t, str) else getattr(t, "__name__", str(t))
         nontensor_args = [a for a in node.args if not isinstance(a, fx.Node)]
         if (t in _ADD_FUNCTIONS or t in _ADD_METHODS) and len(ins) == 2 and not nontensor_args \
-                and not node.kwargs and _shape(ins[0]) == _shape(ins[1]) == shape:
+                and not node.kwargs and _shape(ins[0]) == _shape(ins[1]) == shape \
+                and (space_of[ins[0]] in last_raw) == (space_of[ins[1]] in last_raw):
             s = uf.union(space_of[ins[0]], space_of[ins[1]])
             adds.append(s)
             space_of[node] = s
@@ -560,7 +577,8 @@ def analyse(model: nn.Module, input_size: tuple[int, ...], coupling: str = "inte
         _place_gates(sp, gm, node_space, mods, forced_sites, warnings)
 
     units = [spaces[uf.find(space_of[n])] for n in gm.graph.nodes
-             if n.op == "call_module" and n.target in mods and isinstance(mods[n.target], nn.Conv2d)
+             if n.op == "call_module" and n.target in mods
+             and isinstance(mods[n.target], (nn.Conv2d, nn.Linear))
              and n in space_of]
     seen: set[int] = set()
     ordered: list[Space] = []
@@ -581,6 +599,26 @@ def analyse(model: nn.Module, input_size: tuple[int, ...], coupling: str = "inte
     return Structure(spaces=spaces, units=ordered, ungated=ungated, costs=costs,
                      const_params=total - covered, input_size=tuple(input_size),
                      warnings=warnings, cats=cats)
+
+
+_ELEMENTWISE_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.gelu, F.silu, F.hardswish,
+                          F.leaky_relu, F.elu, F.mish, torch.tanh, F.dropout}
+_ELEMENTWISE_METHODS = {"relu", "relu_", "contiguous", "clone", "tanh"}
+
+
+def _keeps_last(node: fx.Node, ins: list[fx.Node], mods: dict) -> bool:
+    """Whether ``node`` may read a last-dim space: a Linear, an add, an elementwise activation
+    with f(0) = 0 or dropout (channels stay the last dim and a zero channel stays zero)."""
+    if node.op == "call_module":
+        m = mods[node.target]
+        return isinstance(m, (nn.Linear, nn.Dropout, nn.Identity) + _ACT_MODULES) \
+            or _is_drop_module(m)
+    t = node.target
+    if t in _ADD_FUNCTIONS or t in _ADD_METHODS:
+        return True
+    label = t if isinstance(t, str) else getattr(t, "__name__", "")
+    return len(ins) == 1 and (t in _ELEMENTWISE_FUNCTIONS or t in _ELEMENTWISE_METHODS
+                              or label in _DROP_FUNCTION_NAMES)
 
 
 def _eval_calls(model: nn.Module, example: torch.Tensor):

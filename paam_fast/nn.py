@@ -164,16 +164,26 @@ class GatedLinear(_Gated, nn.Linear):
     layer).  Otherwise exactly nn.Linear."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if self._paam_out_idx is not None:  # a squeeze-excitation's expand layer: alive rows
-            w, b, idx = self.weight, self.bias, self._paam_out_idx
-            w = w.index_select(0, idx)
-            if self._paam_in_idx is not None:
-                w = w.index_select(1, self._paam_in_idx)
-            return F.linear(input, w, None if b is None else b.index_select(0, idx))
-        if self._paam_in_idx is None:
-            return super().forward(input)
-        return self._paam_ops.masked_linear(input, self.weight, self.bias, self._paam_in_idx,
-                                            False)
+        g = self.current_gate()
+        out, inn = self._paam_out_idx, self._paam_in_idx
+        if g is None and out is None:
+            if inn is None:
+                return super().forward(input)
+            if input.dim() == 2:
+                return self._paam_ops.masked_linear(input, self.weight, self.bias, inn, False)
+        # a gated MLP layer (W' = g·W, b' = g·b), alive rows (an SE's expand layer, masked
+        # mode) or inputs of an (N, ..., C) tensor: in plain PyTorch
+        w, b = self.weight, self.bias
+        if out is not None:
+            w = w.index_select(0, out)
+            b = None if b is None else b.index_select(0, out)
+        if inn is not None:
+            w = w.index_select(1, inn)
+        if g is not None:
+            gg = (g if out is None else g.index_select(0, out)).to(w.dtype)
+            w = w * gg[:, None]
+            b = None if b is None else b * gg
+        return F.linear(input, w, b)
 
 
 class GatedConvBN2d(nn.Module):

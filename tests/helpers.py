@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -56,8 +58,8 @@ def hand_count(model: nn.Module, input_size) -> dict[str, int]:
             if isinstance(m, nn.Conv2d):
                 kh, kw = m.weight.shape[2:]
                 macs += o[0] * o[2] * o[3] * m.weight.shape[0] * m.weight.shape[1] * kh * kw
-            else:
-                macs += o[0] * m.weight.shape[0] * m.weight.shape[1]
+            else:  # (N, ..., F): a token / channels-last MLP layer runs at every position
+                macs += math.prod(o[:-1]) * m.weight.shape[0] * m.weight.shape[1]
     return {"params": params, "flops": macs}
 
 

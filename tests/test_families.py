@@ -107,6 +107,7 @@ TORCHVISION = [
     ("regnet_y_400mf", "grouped", "se"),
     ("efficientnet_b0", "internal", "se"),
     ("googlenet", "internal", "cat"),
+    ("convnext_tiny", "internal", "mlp"),
 ]
 
 
@@ -124,6 +125,9 @@ def test_torchvision_family_prunes_to_half(name, coupling, family):
     elif family == "se":  # an SE's expand conv loses the rows of the channels it rescales
         scales = [s for u in units for s in u.scales]
         assert scales and _pruned(plain, fn, scales)
+    elif family == "mlp":  # the hidden features of a channels-last MLP (Linear, GELU, Linear)
+        lin = [n for u in units for n in u.producers if isinstance(mods[n], nn.Linear)]
+        assert lin and _pruned(plain, fn, lin)
     elif family == "cat":  # inception branches are gated, the concat's consumers sliced
         cats = model.paam.structure.cats
         assert cats
@@ -355,3 +359,30 @@ def test_plain_op_se_with_linear_layers_prunes():
     _, plain = check_prunes_to_half(SENet, "internal")
     assert plain.se.fc[2].out_features == plain.conv1.out_channels < 16
     assert plain.se.fc[0].in_features == plain.conv1.out_channels
+
+
+class TokenMLP(nn.Module):
+    """Channels-last MLP blocks (ConvNeXt / transformer style) and a pooling over positions."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 4, stride=4)
+        self.fc1 = nn.Linear(8, 96)
+        self.fc2 = nn.Linear(96, 8)
+        self.fc3 = nn.Linear(8, 16)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.stem(x).permute(0, 2, 3, 1)  # (N, H, W, C)
+        x = x + self.fc2(F.gelu(self.fc1(x)))
+        x = F.relu(self.fc3(x)).mean((1, 2))  # pooled over positions: not elementwise
+        return self.head(x)
+
+
+def test_channels_last_mlp_hidden_features_are_units():
+    model = pf.paamify(TokenMLP(), input_size=SIZE)
+    units = {u.name: u for u in model.paam.units}
+    assert set(units) == {"fc1"} and units["fc1"].sites == ["fc1"]  # gate folds into fc1
+    assert any(n == "fc3" and "read by 'mean'" in r for n, r in model.paam.structure.ungated)
+    _, plain = check_prunes_to_half(TokenMLP, "internal")
+    assert plain.fc1.out_features == plain.fc2.in_features < 96
