@@ -172,10 +172,17 @@ def test_bn_reestimation_before_the_evaluation_after_selection(tmp_path):
     assert m[0]["bn_reestimate_batches"] == 5
     assert 0 <= m[0]["eval_acc_before_bn"] <= 1 and 0 <= m[0]["eval_acc"] <= 1
     assert "eval_acc_before_bn" not in m[1]  # no selection in the last epoch
+    rep = _report(out)  # and before the final evaluation
+    assert rep["bn_reestimate_batches"] == 5 and 0 <= rep["top1_before_bn"] <= 1
     out2 = str(tmp_path / "off")
     assert main(["--epochs", "2", "--select-epoch", "1", "--bn-reestimate", "0", "--out", out2,
                  "--quiet"]) == 0
     assert "eval_acc_before_bn" not in _metrics(out2)[0]
+    assert "top1_before_bn" not in _report(out2)
+    # re-estimation touches the BN statistics only: the two runs train the same weights
+    a, b = torch.load(os.path.join(out, "ckpt.pt")), torch.load(os.path.join(out2, "ckpt.pt"))
+    weights = [k for k in a["model"] if "running" not in k and "num_batches" not in k]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in weights)
 
 
 def test_reestimate_bn_is_the_plain_average_over_the_batches():
