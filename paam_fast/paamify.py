@@ -21,7 +21,8 @@ from .selection import Selection, check_keep, check_mass, choose
 from .surgery import slice_cats, slice_space
 
 __all__ = ["PaamController", "paamify", "is_paamified", "controller", "scores", "penalty",
-           "BALANCES", "select", "apply_masks", "freeze", "compact", "param_groups", "DEFAULT_INPUT_SIZE"]
+           "BALANCES", "select", "apply_masks", "freeze", "compact", "param_groups",
+           "DEFAULT_INPUT_SIZE"]
 
 DEFAULT_INPUT_SIZE = (1, 3, 224, 224)
 
