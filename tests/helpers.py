@@ -63,14 +63,16 @@ def hand_count(model: nn.Module, input_size) -> dict[str, int]:
     return {"params": params, "flops": macs}
 
 
-def max_filter_cost(model: nn.Module) -> int:
-    """The largest parameter cost of one filter of any unit, at dense widths."""
+def max_filter_cost(model: nn.Module, per_group: bool = False) -> int:
+    """The largest parameter cost of one selection step of any unit, at dense widths: one
+    filter, or with ``per_group`` one filter per group for a unit a grouped conv reads or
+    writes (such a unit is selected in equal steps across its groups)."""
     ctrl = model.paam
     w = ctrl.structure.widths()
     best = 0
     for u in ctrl.units:
         cs = ctrl.structure.costs_touching(u.id)
         w2 = dict(w)
-        w2[u.id] -= 1
+        w2[u.id] -= u.groups if per_group else 1
         best = max(best, sum(c.params(w) for c in cs) - sum(c.params(w2) for c in cs))
     return best

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import hand_count, randomize, rel
+from helpers import hand_count, max_filter_cost, randomize, rel
 from torch import nn
 
 import paam_fast as pf
@@ -29,20 +29,6 @@ def _tv(name, **kw):
 def _timm(name):
     pytest.importorskip("timm")
     return lambda: pf.models.get_model(f"timm:{name}")
-
-
-def max_step_cost(model) -> int:
-    """The largest parameter cost of one selection step of any unit at dense widths: one
-    filter, or one filter per group for a unit a grouped conv reads or writes."""
-    ctrl = model.paam
-    w = ctrl.structure.widths()
-    best = 0
-    for u in ctrl.units:
-        cs = ctrl.structure.costs_touching(u.id)
-        w2 = dict(w)
-        w2[u.id] -= u.groups
-        best = max(best, sum(c.params(w) for c in cs) - sum(c.params(w2) for c in cs))
-    return best
 
 
 def check_prunes_to_half(model_fn, coupling):
@@ -67,7 +53,7 @@ def check_prunes_to_half(model_fn, coupling):
     assert counted == hand_count(plain, SIZE)
     assert counted["params"] == sel.params and counted["flops"] == sel.flops
     budget = 0.5 * dense_params
-    assert budget - max_step_cost(model) <= counted["params"] <= budget
+    assert budget - max_filter_cost(model, per_group=True) <= counted["params"] <= budget
     dense_mods = dict(dense.named_modules())
     for n, m in plain.named_modules():
         d = dense_mods.get(n)
