@@ -152,35 +152,32 @@ def test_forward_and_every_gradient_match_float64(name, make, coupling, dim, mas
         assert (a - b).abs().max() <= 5e-5 * b.abs().max() + 2e-6 * big, pname
 
 
-def test_bf16_error_within_twice_plain_pytorch(monkeypatch):
-    net = _models(CASES[0][1], "internal", 8)
-    ref = __import__("copy").deepcopy(net).double()
-    g64, _ = _gates_and_grads(ref, torch.float64, "reference", monkeypatch)
-    bf = __import__("copy").deepcopy(net).to(torch.bfloat16)
-    g_ref_bf, _ = _gates_and_grads(bf, torch.bfloat16, "reference", monkeypatch)
-    g_tr_bf, _ = _gates_and_grads(bf.to(DEV), torch.bfloat16, "triton", monkeypatch)
+def _bf16_vs_plain_pytorch(net, monkeypatch, grads: bool) -> None:
+    """Triton at bf16 against the float64 reference: errors within 2x those of plain PyTorch at
+    bf16, plus a floor: 1e-3 for the gates; for the folded γ', β' and the gradients one bf16
+    ulp of the value (the kernel rounds g·γ once from fp32, PyTorch rounds g then the product)."""
+    copy = __import__("copy")
+    g64, d64 = _gates_and_grads(copy.deepcopy(net).double(), torch.float64, "reference",
+                                monkeypatch)
+    bf = copy.deepcopy(net).to(torch.bfloat16)
+    g_ref, d_ref = _gates_and_grads(bf, torch.bfloat16, "reference", monkeypatch)
+    g_tr, d_tr = _gates_and_grads(bf.to(DEV), torch.bfloat16, "triton", monkeypatch)
     n_gates = len(net.paam.group_units)
-    for i, (t, r, x) in enumerate(zip(g_tr_bf, g_ref_bf, g64)):
-        # gates: within 2x plain PyTorch's bf16 error + 1e-3; the folded γ', β' (the kernel
-        # rounds g·γ once from fp32, PyTorch rounds g then the product) + one bf16 ulp
-        floor = 1e-3 if i < n_gates else 2 ** -7 * float(x.abs().max())
+    pairs = list(enumerate(zip(g_tr, g_ref, g64)))
+    if grads:
+        pairs += [(None, p) for p in zip(d_tr, d_ref, d64)]
+    for i, (t, r, x) in pairs:
+        assert torch.isfinite(t).all(), i
+        floor = 1e-3 if i is not None and i < n_gates else 2 ** -7 * float(x.abs().max())
         assert (t - x).abs().max() <= 2 * (r - x).abs().max() + floor, i
+
+
+def test_bf16_error_within_twice_plain_pytorch(monkeypatch):
+    _bf16_vs_plain_pytorch(_models(CASES[0][1], "internal", 8), monkeypatch, grads=False)
 
 
 def test_bf16_large_grouped_unit_within_twice_plain_pytorch(monkeypatch):
-    net = _models(_WideResidual, "grouped", 32)
-    ref = __import__("copy").deepcopy(net).double()
-    g64, d64 = _gates_and_grads(ref, torch.float64, "reference", monkeypatch)
-    bf = __import__("copy").deepcopy(net).to(torch.bfloat16)
-    g_ref_bf, d_ref_bf = _gates_and_grads(bf, torch.bfloat16, "reference", monkeypatch)
-    g_tr_bf, d_tr_bf = _gates_and_grads(bf.to(DEV), torch.bfloat16, "triton", monkeypatch)
-    n_gates = len(net.paam.group_units)
-    for i, (t, r, x) in enumerate(zip(g_tr_bf, g_ref_bf, g64)):
-        floor = 1e-3 if i < n_gates else 2 ** -7 * float(x.abs().max())
-        assert (t - x).abs().max() <= 2 * (r - x).abs().max() + floor, i
-    for t, r, x in zip(d_tr_bf, d_ref_bf, d64):  # every gradient too, same bound
-        assert torch.isfinite(t).all()
-        assert (t - x).abs().max() <= 2 * (r - x).abs().max() + 2 ** -7 * float(x.abs().max())
+    _bf16_vs_plain_pytorch(_models(_WideResidual, "grouped", 32), monkeypatch, grads=True)
 
 
 def test_twenty_steps_triton_vs_reference(monkeypatch):
