@@ -366,9 +366,16 @@ def _forced_sites(model: nn.Module) -> dict[str, str]:
     return forced
 
 
+def default_init_bias(normalize: str) -> float:
+    """b0 when none is given: -2 under normalize="max" (every b0 starts exactly dense there, and
+    -2 keeps filters off the leaky-exp's kink: +1.25 ± 0.81 val pts over b0 = 0, paired, 3 seeds,
+    RESULTS.md issue-11 proxy); 0 under "none", where b0 scales the start (PAAM_METHOD.md §3)."""
+    return -2.0 if normalize == "max" else 0.0
+
+
 def paamify(model: nn.Module, coupling: str = "internal", dim: int = 32, leak: float = 0.01,
             normalize: str = "max", input_size: tuple[int, ...] | None = None,
-            scorer: str = "attention", init_bias: float = 0.0) -> nn.Module:
+            scorer: str = "attention", init_bias: float | None = None) -> nn.Module:
     """Make ``model`` a PAAM network, in place, and return it.
 
     Args:
@@ -385,7 +392,9 @@ def paamify(model: nn.Module, coupling: str = "internal", dim: int = 32, leak: f
             every filter starts at e = b0; under normalize="max" every gate is exactly 1 at init
             for any b0, and a b0 < 0 (e.g. -2) starts every filter on the leaky-exp's exp branch
             instead of on its kink at 0.  Under normalize="none" the start is g = leaky_exp(b0)
-            (dense only at b0 = 0).
+            (dense only at b0 = 0).  Default (None): ``default_init_bias(normalize)``, i.e. -2
+            under "max" (chosen by the paired 3-seed CIFAR proxy runs, RESULTS.md) and 0 under
+            "none".
     Returns:
         the same model, with ``model.paam`` (:class:`PaamController`).  Units that cannot be gated
         are listed in ``model.paam.structure.ungated`` with the reason.
@@ -400,6 +409,8 @@ def paamify(model: nn.Module, coupling: str = "internal", dim: int = 32, leak: f
         raise ValueError(f"normalize must be 'max' or 'none', got {normalize!r}")
     if scorer not in ("attention", "bn"):
         raise ValueError(f"scorer must be 'attention' or 'bn', got {scorer!r}")
+    if init_bias is None:
+        init_bias = default_init_bias(normalize)
     if isinstance(init_bias, bool) or not isinstance(init_bias, (int, float)) \
             or not math.isfinite(init_bias):
         raise ValueError(f"init_bias must be a finite number, got {init_bias!r}")

@@ -34,7 +34,7 @@ from . import data as D
 from .count import count
 from .export import plan_of, save
 from .models import CIFAR_ARCHS, TORCHVISION_ARCHS, get_model
-from .paamify import apply_masks, compact, controller, paamify, param_groups
+from .paamify import apply_masks, compact, controller, default_init_bias, paamify, param_groups
 from .pruner import DEFAULT_LAMBDA, Pruner
 from .report import report
 from .selection import uniform_alive
@@ -147,9 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
       help="gate g = s / max s (scale-free) or g = s (paper-literal)")
     a("--dim", type=int, default=32, help="attention width d of the scoring network")
     a("--leak", type=float, default=0.01, help="slope α of the leaky-exp above 0")
-    a("--init-bias", type=float, default=0.0, help="b0, the scoring head's starting bias (ours): "
-      "with --normalize max the start is exactly dense for any b0; b0 < 0 (e.g. -2) starts "
-      "every filter on the leaky-exp's exp branch instead of its kink at 0")
+    a("--init-bias", type=float, default=None, help="b0, the scoring head's starting bias (ours; "
+      "default -2 with --normalize max, 0 with none): with --normalize max the start is exactly "
+      "dense for any b0; b0 < 0 starts every filter on the leaky-exp's exp branch instead of "
+      "its kink at 0")
     a("--penalty-balance", default="filter", choices=["filter", "unit", "budget"],
       help="the penalty's balance across units (ours): filter = mean gate over all filters; "
            "unit = mean gate per unit, then over units; budget = |mean gate − --keep|")
@@ -218,6 +219,8 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise UsageError(f"--score-warmup must be a non-negative number, got {args.score_warmup}")
     if args.bn_reestimate < 0:
         raise UsageError(f"--bn-reestimate must be ≥ 0, got {args.bn_reestimate}")
+    if args.init_bias is None:
+        args.init_bias = default_init_bias(args.normalize)
     if not math.isfinite(args.init_bias):
         raise UsageError(f"--init-bias must be a finite number, got {args.init_bias}")
     if args.penalty_balance == "budget" and args.method == "paam" and args.mass is not None:
