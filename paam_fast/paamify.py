@@ -368,7 +368,7 @@ def _forced_sites(model: nn.Module) -> dict[str, str]:
 
 def default_init_bias(normalize: str) -> float:
     """b0 when none is given: -2 under normalize="max" (every b0 starts exactly dense there, and
-    -2 keeps filters off the leaky-exp's kink: +1.25 ± 0.81 val pts over b0 = 0, paired, 3 seeds,
+    -2 keeps filters off the leaky-exp's kink: +2.70 ± 2.09 val pts over b0 = 0, paired, 5 seeds,
     RESULTS.md issue-11 proxy); 0 under "none", where b0 scales the start (PAAM_METHOD.md §3)."""
     return -2.0 if normalize == "max" else 0.0
 
@@ -393,7 +393,7 @@ def paamify(model: nn.Module, coupling: str = "internal", dim: int = 32, leak: f
             for any b0, and a b0 < 0 (e.g. -2) starts every filter on the leaky-exp's exp branch
             instead of on its kink at 0.  Under normalize="none" the start is g = leaky_exp(b0)
             (dense only at b0 = 0).  Default (None): ``default_init_bias(normalize)``, i.e. -2
-            under "max" (chosen by the paired 3-seed CIFAR proxy runs, RESULTS.md) and 0 under
+            under "max" (chosen by the paired 5-seed CIFAR proxy runs, RESULTS.md) and 0 under
             "none".
     Returns:
         the same model, with ``model.paam`` (:class:`PaamController`).  Units that cannot be gated
