@@ -511,13 +511,18 @@ def penalty(model: nn.Module, cost: str = "uniform", balance: str = "filter",
 
 
 def select(model: nn.Module, keep: float | None = None, mass: float | None = None,
-           cost: str = "params", min_keep: float = 0.05, round_to: int = 1) -> Selection:
+           cost: str = "params", min_keep: float = 0.05, round_to: int = 1,
+           key: str = "gate", beta: float = 0.0, allocation: str = "global") -> Selection:
     """Global selection (§6.2) on the last forward's gates; applies the hard masks.
 
     Args:
         keep: budget mode, a fraction in (0, 1] of the dense model's ``cost``.
         mass: mass mode, a fraction in (0, 1] of the summed gates (default 0.95 if neither).
         cost: "params" or "flops"; min_keep: per-unit floor fraction; round_to: width multiple.
+        key, beta: what filters are ranked by ("gate" or "unit_mean"), divided by their
+            cost^beta (:mod:`paam_fast.selection.keys`; ours, default: the gate itself).
+        allocation: "global" (§6.2) or "uniform" (the uniform baseline's widths, each unit's
+            best filters by the key: a control).
     Returns:
         the :class:`~paam_fast.selection.Selection`; the model's masks now hold it.
     """
@@ -532,7 +537,8 @@ def select(model: nn.Module, keep: float | None = None, mass: float | None = Non
         check_mass(mass)
     gates = ctrl.unit_gates()
     sel = choose(ctrl.units, gates, ctrl.masks(), ctrl.structure, ctrl.widths(), keep=keep,
-                 mass=mass, cost=cost, min_keep=min_keep, round_to=round_to)
+                 mass=mass, cost=cost, min_keep=min_keep, round_to=round_to, key=key, beta=beta,
+                 allocation=allocation)
     apply_masks(model, sel.alive)
     return sel
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from .paamify import BALANCES, apply_masks, compact, controller, penalty, select
 from .selection import check_keep, check_mass, choose
+from .selection.keys import check_key
 
 __all__ = ["Pruner", "DEFAULT_LAMBDA"]
 
@@ -71,6 +72,8 @@ class Pruner:
         balance: the penalty's balance across units (see :func:`paam_fast.penalty`): "filter"
             (per-filter mean, default), "unit" (mean gate per unit, then over units) or
             "budget" (|mean gate − keep|, with ``keep`` or ``target`` as the budget).
+        select_key, select_beta, select_allocation: what selection ranks filters by and how it
+            allocates the budget (see :func:`paam_fast.select`).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, epochs: int,
@@ -79,7 +82,8 @@ class Pruner:
                  select_cost: str = "params", select_epoch: int | None = None,
                  final_epoch: int | None = None, after_select: str = "compact", steps: int = 4,
                  min_keep: float = 0.05, round_to: int = 1, target_gain: float = 1.0,
-                 balance: str = "filter") -> None:
+                 balance: str = "filter", select_key: str = "gate",
+                 select_beta: float = 0.0, select_allocation: str = "global") -> None:
         self.model = _unwrap(model)
         controller(self.model)
         if not isinstance(epochs, int) or epochs < 1:
@@ -106,7 +110,15 @@ class Pruner:
             raise ValueError(f"balance must be one of {', '.join(BALANCES)}, got {balance!r}")
         if balance == "budget" and keep is None and target is None:
             raise ValueError("balance='budget' needs keep= or target= (the budget it aims at)")
+        check_key(select_key, select_beta)
         self.balance = balance
+        if select_allocation not in ("global", "uniform"):
+            raise ValueError(f"select_allocation must be 'global' or 'uniform', got "
+                             f"{select_allocation!r}")
+        if select_allocation == "uniform" and (keep is None or after_select != "compact"):
+            raise ValueError("select_allocation='uniform' needs keep= and after_select='compact'")
+        self.select_kw = {"key": select_key, "beta": select_beta,
+                          "allocation": select_allocation}
         self.optimizer = optimizer
         self.epochs = epochs
         self.lam = float(lam)
@@ -151,7 +163,8 @@ class Pruner:
         ctrl = controller(self.model)
         sel = choose(ctrl.units, ctrl.unit_gates(), ctrl.masks(), ctrl.structure, ctrl.widths(),
                      mass=self.mass or 0.95, cost=self.select_cost, min_keep=self.min_keep,
-                     round_to=self.round_to)
+                     round_to=self.round_to, key=self.select_kw["key"],
+                     beta=self.select_kw["beta"])
         if self.select_cost == "params":
             return sel.params / sel.dense_params
         return sel.flops / max(sel.dense_flops, 1)
@@ -176,16 +189,17 @@ class Pruner:
             k = self.events_done
             if self.after_select == "compact":
                 sel = (select(self.model, keep=self.keep, cost=self.select_cost,
-                              min_keep=self.min_keep, round_to=self.round_to)
+                              min_keep=self.min_keep, round_to=self.round_to, **self.select_kw)
                        if self.keep is not None else
                        select(self.model, mass=self.mass or 0.95, cost=self.select_cost,
-                              min_keep=self.min_keep, round_to=self.round_to))
+                              min_keep=self.min_keep, round_to=self.round_to,
+                              **self.select_kw))
             else:
                 if self.final_keep is None:  # mass / target: the first event fixes the goal
                     self.final_keep = self._kept_fraction_mass()
                 keep_k = 1 - (1 - self.final_keep) * (k + 1) / self.steps
                 sel = select(self.model, keep=keep_k, cost=self.select_cost,
-                             min_keep=self.min_keep, round_to=self.round_to)
+                             min_keep=self.min_keep, round_to=self.round_to, **self.select_kw)
             _broadcast_masks(self.model)
             self.events_done += 1
             events.append({"epoch": epoch, "event": "select", "index": k, **sel.to_dict()})

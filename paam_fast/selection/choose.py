@@ -1,0 +1,108 @@
+"""The selection driver: key, steps, floors, search, masks (PAAM_METHOD.md §6.2)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..graph import Space, Structure
+from .budget import fill_budget, mass_counts
+from .costs import cost_model, step_costs
+from .groups import collapse, masks, round_up
+from .keys import check_key, rank_values
+from .result import Selection
+from .uniform import uniform_widths
+
+
+def _check(units, gates, keep, mass, min_keep, round_to) -> None:
+    if (keep is None) == (mass is None):
+        raise ValueError("give exactly one of keep= (budget mode) or mass= (mass mode)")
+    if not (0 <= min_keep <= 1):
+        raise ValueError(f"min_keep must be in [0, 1], got {min_keep!r}")
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise ValueError(f"round_to must be a positive integer, got {round_to!r}")
+    for u, g in zip(units, gates):
+        if not torch.isfinite(g).all():
+            raise ValueError(f"unit '{u.name}' has non-finite scores (NaN or inf); the scoring "
+                             "network diverged: lower the learning rate or λ")
+
+
+def _start_at_floors(units, keep, cost, min_keep, round_to, model, structure, width, floors,
+                     w: dict[int, int]) -> int:
+    """Budget mode's start: the budget in ``cost``, every unit at its floor in ``w``; a clear
+    error if the parts no selection removes, or the floors, already exceed the budget."""
+    dense_total = model.total(structure.widths())
+    budget = int(math.floor(keep * dense_total))
+    for u in units:
+        w[u.id] = 0
+    if model.total(w) > budget:
+        raise ValueError(f"keep={keep} asks for {budget:,} {cost} but the parts no selection "
+                         f"can remove need {model.total(w):,} of the dense {dense_total:,}")
+    for i, u in enumerate(units):
+        w[u.id] = width(i, floors[i])
+    if model.total(w) > budget:
+        raise ValueError(f"keep={keep} asks for {budget:,} {cost} but min_keep={min_keep} "
+                         f"(round_to={round_to}) alone needs {model.total(w):,}")
+    return budget
+
+
+def choose(units: list[Space], gates: list[torch.Tensor], alive: list[torch.Tensor],
+           structure: Structure, widths: dict[int, int], *, keep: float | None = None,
+           mass: float | None = None, cost: str = "params", min_keep: float = 0.05,
+           round_to: int = 1, key: str = "gate", beta: float = 0.0,
+           allocation: str = "global") -> Selection:
+    """Pick the filters that survive.
+
+    Args:
+        units: the gated spaces; gates: their (F,) gate values; alive: their (F,) bool masks
+            (only alive filters compete; dead ones stay dead).
+        structure: the graph's counts; widths: space id -> current physical width of every space.
+        keep / mass: exactly one; cost: "params" or "flops" (what ``keep`` is a fraction of).
+        key, beta: what filters are ranked by (:mod:`paam_fast.selection.keys`).
+        allocation: "global" (one ranking over all units decides the widths) or "uniform"
+            (budget mode: the widths of the uniform baseline, each unit keeping its own best
+            filters by the key: a control that separates allocation from the pipeline).
+    Returns:
+        a :class:`Selection`.  Raises ValueError for non-finite gates or an unreachable budget.
+    """
+    model = cost_model(structure, cost)
+    check_key(key, beta)
+    if allocation not in ("global", "uniform"):
+        raise ValueError(f"allocation must be 'global' or 'uniform', got {allocation!r}")
+    if allocation == "uniform" and keep is None:
+        raise ValueError("allocation='uniform' needs a budget (keep=)")
+    _check(units, gates, keep, mass, min_keep, round_to)
+    mult = [getattr(u, "groups", 1) for u in units]
+    fcost = step_costs(model, units, widths, mult) if beta else None
+    steps = collapse(units, rank_values(key, gates, alive, fcost, beta), alive)
+    n_alive = [int(a.sum()) for a in steps.alive]
+    floors = [min(n, max(1, math.ceil(min_keep * u.width / gm)))
+              for u, n, gm in zip(units, n_alive, mult)]
+    rank = [torch.argsort(torch.where(a, v.double(), -math.inf), descending=True,
+                          stable=True)[:n] for v, a, n in zip(steps.values, steps.alive, n_alive)]
+    # round_to applies to the width G·count: the count a multiple of round_to / gcd(round_to, G)
+    per = [round_to // math.gcd(round_to, gm) for gm in mult]
+
+    def width(i: int, c: int) -> int:
+        return mult[i] * round_up(c, per[i], n_alive[i])
+
+    w = dict(widths)
+    budget = None
+    if allocation == "uniform":
+        budget = int(math.floor(keep * model.total(structure.widths())))
+        uw = uniform_widths(units, structure, keep, cost, round_to)
+        w.update({u.id: min(uw[u.id], mult[i] * n_alive[i]) for i, u in enumerate(units)})
+    elif keep is not None:
+        budget = _start_at_floors(units, keep, cost, min_keep, round_to, model, structure,
+                                  width, floors, w)
+        count = fill_budget(units, steps.values, rank, floors, width, model, budget, w)
+        w.update({u.id: width(i, count[i]) for i, u in enumerate(units)})
+    else:
+        count = mass_counts(steps.values, steps.alive, mult, floors, mass)
+        w.update({u.id: width(i, count[i]) for i, u in enumerate(units)})
+    dense_w = structure.widths()
+    return Selection(alive=masks(units, steps, alive, rank, w), params=structure.params(w),
+                     flops=structure.macs(w), dense_params=structure.params(dense_w),
+                     dense_flops=structure.macs(dense_w), budget=budget,
+                     mode="keep" if keep is not None else "mass")
