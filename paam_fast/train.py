@@ -31,10 +31,12 @@ import torch
 from torch import nn
 
 from . import data as D
+from . import fork
 from .count import count
 from .export import plan_of, save
 from .models import CIFAR_ARCHS, TORCHVISION_ARCHS, get_model
 from .paamify import apply_masks, compact, controller, default_init_bias, paamify, param_groups
+from .provenance import environment, file_sha256, tensor_digest
 from .pruner import DEFAULT_LAMBDA, Pruner
 from .report import report
 from .selection import uniform_alive
@@ -120,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
       "multiple of --lr (same schedule)")
     a("--score-warmup", type=float, default=0.0, help="epochs over which the scoring networks' "
       "learning rate ramps linearly from 0 (on top of the schedule; ours)")
+    a("--warmup", type=float, default=None, help="epochs of linear learning-rate warm-up "
+      "(recipe: its warm-up scaled to --epochs and rounded, so none in short runs)")
     a("--schedule", default="step", choices=["step", "cosine"],
       help="step: ×0.1 at the recipe's milestones scaled to --epochs; cosine: to 0")
     a("--lam", type=float, default=None, help=f"λ, the penalty coefficient (paam default "
@@ -138,6 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
       help="per-filter cost in the penalty")
     a("--select-cost", default="params", choices=["params", "flops"],
       help="what --keep and --target are fractions of")
+    a("--select-key", default="gate", choices=["gate", "unit_mean"],
+      help="what selection ranks filters by (ours): gate = g; unit_mean = g / its unit's mean g "
+           "(comparable across units of different widths)")
+    a("--select-beta", type=float, default=0.0, help="divide the selection key by each filter's "
+      "cost (in --select-cost) to this power (ours): 0 = the key itself, 1 = value per cost")
+    a("--select-allocation", default="global", choices=["global", "uniform"],
+      help="global: one ranking over all units sets the widths (PAAM); uniform: the uniform "
+           "baseline's widths, each unit keeping its own best filters (a control, ours)")
     a("--min-keep", type=float, default=0.05, help="every unit keeps ≥ max(1, ⌈min_keep·F⌉)")
     a("--round-to", type=int, default=None, help="round kept widths up to multiples of this "
       "(recipe: 8; digits 1)")
@@ -187,25 +199,76 @@ def build_parser() -> argparse.ArgumentParser:
       "an existing non-empty one is refused unless --resume")
     a("--resume", action="store_true", help="continue the run in --out from its last checkpoint "
       "(its saved configuration is used)")
+    a("--fork-from", default=None, metavar="RUN", help="start from RUN's pre-selection "
+      "checkpoint (its presel.pt, written at the selection epoch) and apply this run's "
+      "selection: rules compared on one identical joint phase (ours); every option that shaped "
+      "the joint phase must equal RUN's")
     a("--max-steps", type=int, default=None, help="stop after this many optimizer steps in "
       "total (a smoke test, or a planned interruption: continue with --resume)")
     a("--quiet", action="store_true", help="no progress bars")
     return p
 
 
+def _finite(v) -> bool:
+    return math.isfinite(v)
+
+
+# Every numeric option: (flag, attribute, test, what it must be).  Checked on the raw command
+# line, before any recipe default fills in or any work starts, so a bad value is exit 2 naming
+# the option (never a traceback, never a silent default).
+_RANGES = [
+    ("--epochs", "epochs", lambda v: v >= 1, "a positive integer"),
+    ("--batch-size", "batch_size", lambda v: v >= 1, "a positive integer"),
+    ("--lr", "lr", lambda v: _finite(v) and v > 0, "a positive number"),
+    ("--weight-decay", "weight_decay", lambda v: _finite(v) and v >= 0, "a number ≥ 0"),
+    ("--lam", "lam", lambda v: _finite(v) and v >= 0, "a number ≥ 0"),
+    ("--dim", "dim", lambda v: v >= 1, "a positive integer"),
+    ("--leak", "leak", lambda v: _finite(v) and v >= 0, "a number ≥ 0"),
+    ("--keep", "keep", lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
+    ("--min-keep", "min_keep", lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
+    ("--round-to", "round_to", lambda v: v >= 1, "a positive integer"),
+    ("--steps", "steps", lambda v: v >= 1, "a positive integer"),
+    ("--select-epoch", "select_epoch", lambda v: v >= 1, "a positive integer"),
+    ("--final-epoch", "final_epoch", lambda v: v >= 1, "a positive integer"),
+    ("--select-beta", "select_beta", lambda v: 0 <= v <= 4, "a number in [0, 4]"),
+    ("--subset", "subset", lambda v: v >= 1, "a positive integer"),
+    ("--workers", "workers", lambda v: v >= 0, "an integer ≥ 0"),
+    ("--image-size", "image_size", lambda v: v >= 1, "a positive integer"),
+    ("--max-steps", "max_steps", lambda v: v >= 1, "a positive integer"),
+    ("--bn-reestimate", "bn_reestimate", lambda v: v >= 0, "an integer ≥ 0"),
+    ("--score-warmup", "score_warmup", lambda v: _finite(v) and v >= 0, "a number ≥ 0"),
+    ("--score-lr-scale", "score_lr_scale", lambda v: _finite(v) and v > 0, "a positive number"),
+    ("--init-bias", "init_bias", _finite, "a finite number"),
+    ("--warmup", "warmup", lambda v: _finite(v) and v >= 0, "a number of epochs ≥ 0"),
+]
+
+
+def _check_ranges(args: argparse.Namespace) -> None:
+    for flag, attr, ok, what in _RANGES:
+        v = getattr(args, attr, None)
+        if v is not None and not ok(v):
+            raise UsageError(f"{flag} must be {what}, got {v}")
+
+
 def _resolve(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill recipe defaults and check the combination; raises UsageError."""
+    """Check the command line and fill recipe defaults; raises UsageError."""
+    _check_ranges(args)
     r = RECIPES[args.dataset]
     args.arch = args.arch or r.arch
     if args.arch not in ARCHS and not args.arch.startswith("timm:"):  # timm:<name>: get_model
         raise UsageError(f"unknown --arch {args.arch!r}; choose from {', '.join(ARCHS)}")
     args.epochs = args.epochs if args.epochs is not None else r.epochs
-    args.batch_size = args.batch_size or r.batch_size
+    args.batch_size = args.batch_size if args.batch_size is not None else r.batch_size
     args.lr = args.lr if args.lr is not None else r.lr
     args.weight_decay = args.weight_decay if args.weight_decay is not None else r.weight_decay
-    args.round_to = args.round_to or r.round_to
-    if args.epochs < 1 or args.batch_size < 1:
-        raise UsageError("--epochs and --batch-size must be positive")
+    args.round_to = args.round_to if args.round_to is not None else r.round_to
+    for flag, v in (("--select-epoch", args.select_epoch), ("--final-epoch", args.final_epoch)):
+        if v is not None and v > args.epochs:
+            raise UsageError(f"{flag} must be at most --epochs ({args.epochs}), got {v}")
+    if args.select_epoch is not None and args.final_epoch is not None \
+            and args.final_epoch < args.select_epoch:
+        raise UsageError(f"--final-epoch ({args.final_epoch}) must not come before "
+                         f"--select-epoch ({args.select_epoch})")
     if args.retrain is not None:
         if args.method not in ("paam", "retrain"):
             raise UsageError(f"--retrain trains found widths; it cannot go with --method "
@@ -215,22 +278,11 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     elif args.method == "retrain":
         raise UsageError("--method retrain needs --retrain RUN (a PAAM run's folder or "
                          "report.json)")
-    if not (args.score_warmup >= 0 and math.isfinite(args.score_warmup)):
-        raise UsageError(f"--score-warmup must be a non-negative number, got {args.score_warmup}")
-    if args.bn_reestimate < 0:
-        raise UsageError(f"--bn-reestimate must be ≥ 0, got {args.bn_reestimate}")
     if args.init_bias is None:
         args.init_bias = default_init_bias(args.normalize)
-    if not math.isfinite(args.init_bias):
-        raise UsageError(f"--init-bias must be a finite number, got {args.init_bias}")
     if args.penalty_balance == "budget" and args.method == "paam" and args.mass is not None:
         raise UsageError("--penalty-balance budget needs a budget: --keep or --target, not "
                          "--mass")
-    if not (args.score_lr_scale > 0 and math.isfinite(args.score_lr_scale)):
-        raise UsageError(f"--score-lr-scale must be a positive number, got "
-                         f"{args.score_lr_scale}")
-    if args.keep is not None and not (0 < args.keep <= 1):
-        raise UsageError(f"--keep must be a fraction in (0, 1], got {args.keep}")
     if args.lam is None:
         args.lam = DEFAULT_SLIM_LAMBDA if args.method == "slim" else DEFAULT_LAMBDA
     if args.keep is None and args.mass is None and args.target is None:
@@ -241,6 +293,10 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise UsageError("--method uniform needs --keep (the parameter budget)")
     if args.dataset != "digits" and not args.data:
         raise UsageError(f"--dataset {args.dataset} needs --data PATH\n{D.LAYOUTS}")
+    if args.fork_from is not None:
+        if args.method not in ("paam", "slim"):
+            raise UsageError(f"--fork-from forks a selection; --method {args.method} has none")
+        fork.check_source(args, args.fork_from)
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -384,7 +440,8 @@ def _reestimate_bn(model: nn.Module, loader, batches: int, dev, args) -> int:
 def _lr_lambda(args, steps_per_epoch: int):
     r = RECIPES[args.dataset]
     scale = args.epochs / r.epochs
-    warm = round(r.warmup * scale) * steps_per_epoch
+    warm = (round(r.warmup * scale) * steps_per_epoch if args.warmup is None
+            else round(args.warmup * steps_per_epoch))
     miles = [round(m * scale) * steps_per_epoch for m in r.milestones]
     total = args.epochs * steps_per_epoch
 
@@ -404,6 +461,7 @@ class _Data:
     def __init__(self, args, dev: torch.device, d: Dist):
         self.kind = "tensor"
         self.sampler = None
+        self.data_sha256 = file_sha256(args.data) if args.data else None
         if args.dataset in ("digits", "cifar10"):
             if args.dataset == "digits":
                 train, test = D.load_digits()
@@ -428,6 +486,8 @@ class _Data:
             self.val = D.TensorLoader(val, 500, dev, train=False, **kw) if val else None
             self.input_size = (1, 3, *train.x.shape[1:3])
             self.n_train = len(train)
+            self.digests = {"train": tensor_digest(train.x, train.y),
+                            "val": tensor_digest(val.x, val.y) if val else None}
         else:
             self.kind = "folder"
             decode = args.decode if args.decode != "auto" else (
@@ -445,6 +505,7 @@ class _Data:
                     args.seed, None, **kw)
             self.input_size = (1, 3, args.image_size, args.image_size)
             self.n_train = len(tl.dataset)
+            self.digests = {"train": None, "val": None}  # not hashed: ImageNet-sized
 
     def set_epoch(self, epoch: int) -> None:
         if hasattr(self.train, "set_epoch"):  # TensorLoader, DeviceDecodeLoader
@@ -527,7 +588,9 @@ class Run:
                                  else "compact", steps=args.steps, min_keep=args.min_keep,
                                  round_to=args.round_to,
                                  balance=args.penalty_balance if args.method == "paam"
-                                 else "filter")
+                                 else "filter", select_key=args.select_key,
+                                 select_beta=args.select_beta,
+                                 select_allocation=args.select_allocation)
         self.epoch = 0
         self.global_step = 0
         self.history: list[dict] = []
@@ -567,10 +630,14 @@ class Run:
     def ckpt_path(self) -> str:
         return os.path.join(self.args.out, "ckpt.pt")
 
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self, path: str | None = None, **extra) -> None:
         if not self.d.main:
             return
-        state = {
+        _atomic_write(path or self.ckpt_path(), lambda p: torch.save({**self._state(), **extra},
+                                                                     p))
+
+    def _state(self) -> dict:
+        return {
             "epoch": self.epoch, "global_step": self.global_step,
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -578,14 +645,32 @@ class Run:
             "plan": json.dumps(plan_of(self.model)) if self.gated else None,
             "compacted": bool(self.gated and controller(self.model).compacted),
             "history": json.dumps(self.history), "score_hist": json.dumps(self.score_hist),
+            "digests": json.dumps(self.data.digests),
         }
-        _atomic_write(self.ckpt_path(), lambda p: torch.save(state, p))
 
     def load_checkpoint(self) -> bool:
         path = self.ckpt_path()
         if not os.path.exists(path):
             return False
-        st = torch.load(path, map_location=self.dev, weights_only=True)
+        self._restore(torch.load(path, map_location=self.dev, weights_only=True))
+        return True
+
+    def fork_from(self, run_dir: str) -> tuple[float, float]:
+        """Start from another run's pre-selection state (:mod:`paam_fast.fork`); returns the
+        (loss, accuracy) of its last joint epoch, whose end (the selection) is still to run."""
+        st = fork.load(run_dir, self.dev)
+        if "digests" in st and json.loads(st["digests"]) != self.data.digests:
+            raise fork.ForkError(f"--fork-from {run_dir}: its training/validation images differ "
+                                 "from this run's")
+        self._restore(st)
+        if st["last_gates"]:
+            controller(self.model)._last.value = list(st["last_gates"])
+        if self.d.main:  # the joint phase's epochs, so this run's log is complete
+            with open(os.path.join(self.args.out, "metrics.jsonl"), "a") as f:
+                f.writelines(json.dumps(h) + "\n" for h in self.history)
+        return float(st["last_loss"]), float(st["last_acc"])
+
+    def _restore(self, st: dict) -> None:
         if st["compacted"] and not controller(self.model).compacted:
             # restore the plan before the state: masks, frozen gates, physical widths
             plan = json.loads(st["plan"])
@@ -607,7 +692,6 @@ class Run:
         self.history = json.loads(st["history"])
         self.score_hist = json.loads(st["score_hist"])
         self._wrap()
-        return True
 
     # ---- training
     def train_epoch(self, bar) -> tuple[float, float, bool]:
@@ -651,6 +735,13 @@ class Run:
         return n
 
     def epoch_end(self, loss: float, acc: float, t0: float) -> list[dict]:
+        if self.pruner is not None and self.pruner.events_done == 0 \
+                and self.epoch + 1 == self.pruner.select_epoch:
+            # the state a fork starts from: the joint phase done, the selection not yet
+            # (with the last forward's gates, which the selection ranks)
+            last = controller(self.model)._last.value
+            self.save_checkpoint(fork.presel_path(self.args.out), last_loss=loss, last_acc=acc,
+                                 last_gates=[g.detach().clone() for g in last or []])
         events = self.pruner.epoch_end(self.epoch) if self.pruner is not None else []
         if any(e["event"] in ("select", "compact") for e in events):
             self._wrap()  # new masks or parameters: DDP buckets, compiled code, CUDA graph
@@ -734,6 +825,9 @@ class Run:
                        else "cpu"),
             "world_size": self.d.world, "torch": torch.__version__, "commit": self.commit,
             "seed": args.seed, "config": {k: v for k, v in vars(args).items()},
+            "command": " ".join(sys.argv), "environment": environment(),
+            "data_sha256": self.data.data_sha256, "n_train": self.data.n_train,
+            "split_digest": self.data.digests,
         }
         if self.d.main:
             with open(os.path.join(args.out, "report.json"), "w") as f:
@@ -765,15 +859,38 @@ class Run:
         return rep_json
 
 
-def _prepare_out(args, d: Dist) -> None:
+def _prepare_out(args, d: Dist) -> bool:
+    """Check and create --out; True if this call created it (a failed start removes it)."""
     if args.out is None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         args.out = os.path.join("runs", f"{args.dataset}-{args.arch}-{args.method}-{stamp}")
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.resume:
         raise UsageError(f"--out {args.out} already holds a run; pass --resume to continue it "
                          "or choose another folder")
+    created = not os.path.exists(args.out)
     if d.main:
         os.makedirs(args.out, exist_ok=True)
+    return created
+
+
+def _start(args, d: Dist, created: bool) -> Run:
+    """Build the run (data, model, optimizer), then write config.json.  A start that fails
+    (bad data, an unbuildable model) leaves no folder behind that would block its rerun."""
+    try:
+        r = Run(args, d)
+    except BaseException:
+        if created and d.main and os.path.isdir(args.out) and not os.listdir(args.out):
+            os.rmdir(args.out)
+        raise
+    if d.main and not args.resume:
+        with open(os.path.join(args.out, "config.json"), "w") as f:
+            json.dump(vars(args), f, indent=2)
+    return r
+
+
+def _event_text(events: list[dict]) -> str:
+    return "".join(f"; {e['event']}" + (f" {e['params']:,} params" if "params" in e else "")
+                   for e in events if e["event"] != "lambda")
 
 
 def run(args: argparse.Namespace) -> dict | None:
@@ -783,7 +900,7 @@ def run(args: argparse.Namespace) -> dict | None:
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
     d = _init_dist(args.device)
     try:
-        _prepare_out(args, d)
+        created = _prepare_out(args, d)
         if d.world > 1:
             import torch.distributed as dist
 
@@ -796,15 +913,20 @@ def run(args: argparse.Namespace) -> dict | None:
             # options added since the run started take their defaults
             missing = {k: v for k, v in vars(args).items() if k not in saved}
             args = argparse.Namespace(**{**missing, **saved, **keep})
-        elif d.main:
-            with open(cfg_path, "w") as f:
-                json.dump(vars(args), f, indent=2)
         t_start = time.time()
-        r = Run(args, d)
-        if args.resume and r.load_checkpoint() and d.main:
-            print(f"resumed {args.out} at epoch {r.epoch}")
+        r = _start(args, d, created)
+        if args.resume and r.load_checkpoint():
+            if d.main:
+                print(f"resumed {args.out} at epoch {r.epoch}")
+        elif args.fork_from:
+            loss, acc = r.fork_from(args.fork_from)
+            events = r.epoch_end(loss, acc, time.time())  # the selection, by this run's rule
+            if d.main and not args.quiet:
+                print(f"forked from {args.fork_from} at epoch {r.epoch}: "
+                      f"{_event_text(events)}", flush=True)
         bar_cls = None
-        if not args.quiet and d.main:
+        # progress bars on a terminal only: in a log every redraw would be a line
+        if not args.quiet and d.main and sys.stderr.isatty():
             from tqdm import tqdm
 
             bar_cls = tqdm
@@ -823,9 +945,7 @@ def run(args: argparse.Namespace) -> dict | None:
             events = r.epoch_end(loss, acc, t0)
             h = r.history[-1]
             if d.main and not args.quiet:
-                extra = "".join(f"; {e['event']}" + (f" {e['params']:,} params"
-                                                     if "params" in e else "")
-                                for e in events if e["event"] != "lambda")
+                extra = _event_text(events)
                 print(f"epoch {h['epoch'] + 1}/{args.epochs}: loss {loss:.4f}, train "
                       f"{acc:.2%}, {h['eval_split']} {h['eval_acc']:.2%}, kept "
                       f"{h['kept_fraction']:.1%}{extra} ({h['epoch_s']:.1f} s)", flush=True)
@@ -843,7 +963,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _resolve(args)
         run(args)
-    except (UsageError, D.DataError) as e:
+    except (UsageError, D.DataError, fork.ForkError) as e:
         print(f"paam-train: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -250,3 +250,64 @@ def test_new_options_reach_the_model_and_the_scheduler():
 def test_bad_new_options_exit_2(tmp_path, capsys, argv, msg):
     assert main(argv + ["--out", str(tmp_path / "x"), "--epochs", "1", "--quiet"]) == 2
     assert msg in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["--lam", "-1"], "--lam"), (["--dim", "0"], "--dim"), (["--leak", "-1"], "--leak"),
+    (["--select-epoch", "99"], "--select-epoch"), (["--batch-size", "0"], "--batch-size"),
+    (["--min-keep", "2"], "--min-keep"), (["--round-to", "0"], "--round-to"),
+    (["--lr", "nan"], "--lr"), (["--steps", "0"], "--steps"), (["--subset", "0"], "--subset"),
+    (["--select-beta", "-1"], "--select-beta"), (["--weight-decay", "-1"], "--weight-decay"),
+    (["--select-epoch", "1", "--final-epoch", "0"], "--final-epoch"),
+])
+def test_every_bad_value_exits_2_naming_the_option_before_any_work(tmp_path, capsys, argv,
+                                                                    flag):
+    out = tmp_path / "x"
+    assert main(argv + ["--out", str(out), "--epochs", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {flag} must" in err and "Traceback" not in err
+    assert not out.exists()  # nothing was started
+
+
+def test_a_failed_start_leaves_nothing_that_blocks_its_rerun(tmp_path, capsys):
+    out = tmp_path / "x"
+    argv = ["--dataset", "imagenet", "--data", str(tmp_path), "--out", str(out), "--quiet"]
+    assert main(argv) == 2
+    assert "must hold train/" in capsys.readouterr().err
+    assert not out.exists()
+    assert main(argv) == 2  # the same error again, not "already holds a run"
+    assert "already holds a run" not in capsys.readouterr().err
+
+
+def test_a_log_gets_one_line_per_epoch_not_progress_bars(tmp_path):
+    out = str(tmp_path / "x")
+    res = subprocess.run([sys.executable, "-m", "paam_fast.train", "--epochs", "2", "--out", out,
+                          "--max-steps", "30"], capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr
+    assert "\r" not in res.stderr and "it/s" not in res.stderr
+    assert res.stdout.count("epoch 1/2:") == 1
+
+
+def test_a_fork_with_the_sources_selection_is_the_source_run_and_others_branch(tmp_path,
+                                                                               capsys):
+    src = str(tmp_path / "src")
+    common = ["--epochs", "3", "--select-epoch", "1", "--max-steps", "50", "--quiet"]
+    # --max-steps stops inside epoch 3: compare at the last checkpoint, the end of epoch 2
+    assert main(common + ["--keep", "0.5", "--out", src]) == 0
+    assert os.path.exists(os.path.join(src, "presel.pt"))
+    same, other = str(tmp_path / "same"), str(tmp_path / "other")
+    assert main(common + ["--keep", "0.5", "--fork-from", src, "--out", same]) == 0
+    assert main(common + ["--keep", "0.3", "--select-key", "unit_mean", "--fork-from", src,
+                          "--out", other]) == 0
+    a, b = (torch.load(os.path.join(p, "ckpt.pt"), weights_only=True) for p in (src, same))
+    assert a["epoch"] == b["epoch"] == 2
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    assert _metrics(src) == [{**m, "epoch_s": _metrics(src)[i]["epoch_s"]}
+                             for i, m in enumerate(_metrics(same))]
+    assert _metrics(other)[1]["kept_fraction"] < _metrics(src)[1]["kept_fraction"]
+    # the joint phase must match: another λ is refused, naming it
+    assert main(common + ["--lam", "0.1", "--fork-from", src, "--out",
+                          str(tmp_path / "bad")]) == 2
+    assert "--lam" in capsys.readouterr().err
