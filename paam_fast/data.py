@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .errors import DataError
+
 __all__ = ["ArrayData", "DataError", "load_digits", "load_cifar10", "load_array_folder",
            "split_validation", "TensorLoader", "image_folder_loaders", "LAYOUTS"]
 
@@ -33,10 +35,6 @@ CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class DataError(ValueError):
-    """Bad or unreadable data: the CLI turns it into exit code 2 with this message."""
 
 
 @dataclass

@@ -21,7 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .data import DataError
+from .errors import DataError
 
 __all__ = ["EncodedImages", "DeviceDecodeLoader", "collate_encoded", "random_resized_crop_box"]
 

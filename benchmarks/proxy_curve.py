@@ -1,0 +1,150 @@
+"""Read every proxy run against the uniform-thinning curve, at its own parameters and MACs.
+
+Uniform thinning at several budgets (the settings whose name starts with "uniform", plus dense
+as the budget 1.0) gives, per seed, a curve of validation top-1 against parameters and one
+against MACs (piecewise linear in log cost between measured points; no extrapolation).  Every
+other run is read against its own seed's curves at its own parameters and at its own MACs, and
+the differences are paired over seeds: mean ± std, two-sided paired t and p.  A run outside a
+curve's measured range gets no reading on that axis (shown as "—").
+
+    python benchmarks/proxy_curve.py --results results/proxy2.jsonl --plot results/proxy2.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections import defaultdict
+
+
+def load(paths: list[str]) -> list[dict]:
+    rows, seen = [], set()
+    for path in paths:
+        for line in open(path):
+            r = json.loads(line)
+            if (r["setting"], r["seed"]) not in seen:
+                seen.add((r["setting"], r["seed"]))
+                rows.append(r)
+    return rows
+
+
+def is_curve(r: dict) -> bool:
+    return r["setting"] == "dense" or r["setting"].startswith("uniform")
+
+
+def curve_at(points: list[tuple[float, float]], x: float) -> float | None:
+    """Piecewise-linear interpolation in log(x) through (cost, accuracy) points."""
+    pts = sorted(points)
+    if not pts or x < pts[0][0] or x > pts[-1][0]:
+        return None
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x0 <= x <= x1:
+            if x1 == x0:
+                return max(y0, y1)
+            t = (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0))
+            return y0 + t * (y1 - y0)
+    return pts[0][1] if x == pts[0][0] else None
+
+
+def paired(diffs: list[float]) -> tuple[float, float, float | None]:
+    """(mean, std, two-sided paired-t p) of per-seed differences."""
+    n = len(diffs)
+    m = sum(diffs) / n
+    if n < 2:
+        return m, 0.0, None
+    sd = (sum((d - m) ** 2 for d in diffs) / (n - 1)) ** 0.5
+    if sd == 0:
+        return m, sd, 0.0
+    from scipy import stats
+
+    t = m / (sd / n ** 0.5)
+    return m, sd, float(2 * stats.t.sf(abs(t), n - 1))
+
+
+def readings(rows: list[dict]) -> dict[str, dict[str, list[float]]]:
+    """Per setting, per axis ("params", "flops"): the per-seed differences to the curve."""
+    curves: dict[int, dict[str, list]] = defaultdict(lambda: {"params": [], "flops": []})
+    for r in rows:
+        if is_curve(r):
+            for ax in ("params", "flops"):
+                curves[r["seed"]][ax].append((r[ax], r["val_top1"]))
+    out: dict[str, dict[str, list[float]]] = defaultdict(lambda: {"params": [], "flops": []})
+    for r in rows:
+        if is_curve(r) or r["seed"] not in curves:
+            continue
+        for ax in ("params", "flops"):
+            c = curve_at(curves[r["seed"]][ax], r[ax])
+            if c is not None:
+                out[r["setting"]][ax].append(100 * (r["val_top1"] - c))
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    by = defaultdict(list)
+    for r in rows:
+        by[r["setting"]].append(r)
+    rd = readings(rows)
+    lines = ["| setting | seeds | val top-1 (mean ± std) | params | MACs | − uniform curve at "
+             "its params (pts, n, p) | − uniform curve at its MACs (pts, n, p) |",
+             "|---|---|---|---|---|---|---|"]
+    for name, rs in by.items():
+        accs = [100 * r["val_top1"] for r in rs]
+        m = sum(accs) / len(accs)
+        sd = (sum((a - m) ** 2 for a in accs) / (len(accs) - 1)) ** 0.5 if len(accs) > 1 else 0
+        cells = []
+        for ax in ("params", "flops"):
+            d = rd.get(name, {}).get(ax, [])
+            if not d:
+                cells.append("—")
+                continue
+            mm, ss, p = paired(d)
+            cells.append(f"{mm:+.2f} ± {ss:.2f}, {len(d)}" + (f", p={p:.3f}" if p is not None
+                                                                else ""))
+        lines.append(f"| {name} | {len(rs)} | {m:.2f} ± {sd:.2f} | "
+                     f"{sum(r['params'] for r in rs) / len(rs):,.0f} | "
+                     f"{sum(r['flops'] for r in rs) / len(rs):,.0f} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    names = sorted({r["setting"] for r in rows}, key=lambda n: (not is_curve({"setting": n}), n))
+    markers = "os^vD<>pP*hX"
+    for ax, key, label in ((axes[0], "params", "parameters"), (axes[1], "flops", "MACs")):
+        for seed in sorted({r["seed"] for r in rows}):
+            pts = sorted((r[key], 100 * r["val_top1"]) for r in rows
+                         if is_curve(r) and r["seed"] == seed)
+            if pts:
+                ax.plot(*zip(*pts), color="#999999", lw=1, alpha=0.7,
+                        label="uniform curve (per seed)" if seed == min(r["seed"] for r in rows)
+                        else None)
+        for i, name in enumerate(n for n in names if not is_curve({"setting": n})):
+            rs = [r for r in rows if r["setting"] == name]
+            ax.scatter([r[key] for r in rs], [100 * r["val_top1"] for r in rs], s=22,
+                       marker=markers[i % len(markers)], label=name)
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("validation top-1 (%)")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="lower right")
+    fig.suptitle("every run against uniform thinning, at its own parameters and MACs")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--results", nargs="+", default=["results/proxy2.jsonl"])
+    ap.add_argument("--plot", default=None, help="write the two-panel PNG here")
+    a = ap.parse_args()
+    rows = load(a.results)
+    print(table(rows))
+    if a.plot:
+        plot(rows, a.plot)
