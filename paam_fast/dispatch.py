@@ -68,11 +68,12 @@ def scoring_backend(device: torch.device | None = None, dtype: torch.dtype | Non
     return "reference", problem or "the batched PyTorch reference, the default off CUDA"
 
 
-def score(x, wq, wk, wv, w, b, alive, leak, normalize, reference=score_batched):
+def score(x, wq, wk, wv, w, b, alive, leak, normalize, residual=False,
+          reference=score_batched):
     """Gates of a (F, D) group of units by the reference; see
     :func:`paam_fast.scoring.score_batched` (the Triton path scores all groups at once, in
     :meth:`paam_fast.paamify.PaamController.compute_gates`)."""
-    return reference(x, wq, wk, wv, w, b, alive, leak, normalize)
+    return reference(x, wq, wk, wv, w, b, alive, leak, normalize, residual)
 
 
 class _ExtOps:

@@ -58,9 +58,10 @@ class PaamController(nn.Module):
 
     def __init__(self, model: nn.Module, structure: Structure, *, dim: int, leak: float,
                  normalize: str, coupling: str, scorer: str = "attention",
-                 init_bias: float = 0.0) -> None:
+                 init_bias: float = 0.0, residual: bool = False) -> None:
         super().__init__()
         self.dim, self.leak, self.normalize, self.coupling = dim, leak, normalize, coupling
+        self.residual = residual
         self.init_bias = init_bias
         self.scorer = scorer
         self.structure = structure
@@ -171,7 +172,7 @@ class PaamController(nn.Module):
             alive = None if all(self._all_alive[i] for i in idx) \
                 else torch.stack([self.mask(i) for i in idx])
             out.append(dispatch.score(x, grp.wq, grp.wk, grp.wv, grp.w, grp.b, alive,
-                                      self.leak, self.normalize))
+                                      self.leak, self.normalize, self.residual))
         return out
 
     def refresh(self) -> None:
@@ -193,6 +194,8 @@ class PaamController(nn.Module):
                 self._boxes[i].value = g[row]
 
     def _triton(self) -> bool:
+        if self.residual:  # the fused kernels have no residual path yet: the reference scores
+            return False
         p = self.groups[0].wq
         return dispatch.scoring_backend(p.device, p.dtype, self.dim)[0] == "triton"
 
@@ -375,7 +378,8 @@ def default_init_bias(normalize: str) -> float:
 
 def paamify(model: nn.Module, coupling: str = "internal", dim: int = 32, leak: float = 0.01,
             normalize: str = "max", input_size: tuple[int, ...] | None = None,
-            scorer: str = "attention", init_bias: float | None = None) -> nn.Module:
+            scorer: str = "attention", init_bias: float | None = None,
+            residual: bool = False) -> nn.Module:
     """Make ``model`` a PAAM network, in place, and return it.
 
     Args:
@@ -395,6 +399,9 @@ def paamify(model: nn.Module, coupling: str = "internal", dim: int = 32, leak: f
             (dense only at b0 = 0).  Default (None): ``default_init_bias(normalize)``, i.e. -2
             under "max" (chosen by the paired 5-seed CIFAR proxy runs, RESULTS.md) and 0 under
             "none".
+        residual: score with H = V + P·V instead of P·V (ours, an option): each filter's own
+            projection beside the attended one, so scores can tell filters apart under
+            near-uniform attention.  Scored by the PyTorch reference (no fused kernel yet).
     Returns:
         the same model, with ``model.paam`` (:class:`PaamController`).  Units that cannot be gated
         are listed in ``model.paam.structure.ungated`` with the reason.
@@ -451,7 +458,8 @@ def paamify(model: nn.Module, coupling: str = "internal", dim: int = 32, leak: f
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
     ctrl = PaamController(model, structure, dim=dim, leak=float(leak), normalize=normalize,
-                          coupling=coupling, scorer=scorer, init_bias=float(init_bias))
+                          coupling=coupling, scorer=scorer, init_bias=float(init_bias),
+                          residual=bool(residual))
     model.paam = ctrl
     for i, u in enumerate(structure.units):
         for name in u.sites:

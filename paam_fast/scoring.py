@@ -6,6 +6,10 @@ their rms.  Then
     Q, K, V = X·Wq, X·Wk, X·Wv          (D -> d, no bias)
     P = softmax(Q·Kᵀ / √d)              (F×F, over the unit's alive filters)
     e = (P·V)·w + b                     (w ∈ R^d, b scalar)
+    e = (V + P·V)·w + b                 with ``residual=True`` (ours, an option): each filter's
+                                        own projection beside the attended one, as in every
+                                        transformer block, so near-uniform attention no longer
+                                        gives every filter nearly the same e
     s = leaky_exp(e)                    (exp(e) for e ≤ 0, 1 + α·e above; slope 1 at 0)
     g = s / max_alive s                 (normalize="max"), or g = s (normalize="none")
 
@@ -49,7 +53,8 @@ def rms_tokens(x: torch.Tensor, alive: torch.Tensor | None = None) -> torch.Tens
 
 def score_batched(x: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor,
                   w: torch.Tensor, b: torch.Tensor, alive: torch.Tensor | None = None,
-                  leak: float = 0.01, normalize: str = "max") -> torch.Tensor:
+                  leak: float = 0.01, normalize: str = "max",
+                  residual: bool = False) -> torch.Tensor:
     """Gates of G units with equal (F, D), one batched matmul chain.
 
     Args:
@@ -59,6 +64,7 @@ def score_batched(x: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, wv: torch
             the attention, the rms or the max, and get g = 0.
         leak: slope α of the leaky-exp above 0.
         normalize: "max" (g = s / max s, scale-free) or "none" (g = s).
+        residual: add each filter's own value row to its attended one (H = V + P·V).
     Returns:
         g: (G, F) in the promoted float type of the inputs and float32 (fp32 under autocast).
     """
@@ -76,6 +82,8 @@ def score_batched(x: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, wv: torch
         logits = logits.masked_fill(~alive[:, None, :], float("-inf"))
     p = torch.softmax(logits, dim=-1)
     h = torch.bmm(p, v.to(acc))  # (G, F, d)
+    if residual:
+        h = h + v.to(acc)
     e = torch.bmm(h, w.to(acc)[:, :, None])[..., 0] + b.to(acc)[:, None]
     s = leaky_exp(e, leak)
     if alive is not None:

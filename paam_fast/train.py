@@ -163,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
       "default -2 with --normalize max, 0 with none): with --normalize max the start is exactly "
       "dense for any b0; b0 < 0 starts every filter on the leaky-exp's exp branch instead of "
       "its kink at 0")
+    a("--scorer-residual", action="store_true", help="score with H = V + P·V (each filter's own "
+      "projection beside the attended one; ours): scores that tell filters apart")
     a("--penalty-balance", default="filter", choices=["filter", "unit", "budget"],
       help="the penalty's balance across units (ours): filter = mean gate over all filters; "
            "unit = mean gate per unit, then over units; budget = |mean gate − --keep|")
@@ -554,7 +556,7 @@ class Run:
             paamify(model, coupling=args.coupling, dim=args.dim, leak=args.leak,
                     normalize=args.normalize, input_size=self.data.input_size,
                     scorer="bn" if args.method == "slim" else "attention",
-                    init_bias=args.init_bias)
+                    init_bias=args.init_bias, residual=args.scorer_residual)
         self.model = model.to(self.dev)
         if args.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)

@@ -125,3 +125,28 @@ def test_penalty_costs_and_gradient():
     model(torch.randn(2, 3, 32, 32)).sum().backward()
     conv = model.get_submodule(model.paam.units[0].producers[0])
     assert conv.weight.grad is not None
+
+
+def test_residual_scoring_adds_each_filters_own_value_row():
+    from paam_fast.scoring import rms_tokens
+
+    gen = torch.Generator().manual_seed(3)
+    x, wq, wk, wv = (torch.randn(*s, generator=gen, dtype=torch.float64)
+                     for s in ((2, 7, 18), (2, 18, 4), (2, 18, 4), (2, 18, 4)))
+    w = torch.randn(2, 4, generator=gen, dtype=torch.float64)
+    b = torch.zeros(2, dtype=torch.float64)
+    xr = rms_tokens(x)
+    p = torch.softmax(xr @ wq @ (xr @ wk).transpose(1, 2) / math.sqrt(4), -1)
+    v = xr @ wv
+    s = leaky_exp(((v + p @ v) @ w[:, :, None])[..., 0], 0.01)
+    want = s / s.amax(-1, keepdim=True)
+    got = score_batched(x, wq, wk, wv, w, b, residual=True)
+    assert torch.allclose(got, want, atol=1e-12)
+    assert not torch.allclose(score_batched(x, wq, wk, wv, w, b), want, atol=1e-3)
+
+
+def test_residual_scoring_reaches_the_model_and_starts_dense():
+    model = pf.paamify(pf.models.get_model("resnet20"), residual=True)
+    assert model.paam.residual
+    model(torch.randn(2, 3, 32, 32))
+    assert all(torch.equal(g, torch.ones_like(g)) for g in model.paam.unit_gates())
