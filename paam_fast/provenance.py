@@ -74,6 +74,8 @@ def environment() -> dict:
         "torch_threads": torch.get_num_threads(),
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
         "ATEN_CPU_CAPABILITY": os.environ.get("ATEN_CPU_CAPABILITY"),
+        "ONEDNN_MAX_CPU_ISA": os.environ.get("ONEDNN_MAX_CPU_ISA"),
+        "MKL_CBWR": os.environ.get("MKL_CBWR"),
     }
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
