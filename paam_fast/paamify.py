@@ -376,6 +376,32 @@ def default_init_bias(normalize: str) -> float:
     return -2.0 if normalize == "max" else 0.0
 
 
+def _check_options(model: nn.Module, dim, leak, normalize, scorer, init_bias) -> float:
+    """paamify's argument checks (a clear ValueError, the model untouched); returns b0."""
+    if is_paamified(model):
+        raise ValueError("this model is already paamified (model.paam exists); paamify it once")
+    if not isinstance(dim, int) or dim < 1:
+        raise ValueError(f"dim must be a positive integer, got {dim!r}")
+    if not (isinstance(leak, (int, float)) and 0 <= leak < math.inf):
+        raise ValueError(f"leak must be a finite non-negative number, got {leak!r}")
+    if normalize not in ("max", "none"):
+        raise ValueError(f"normalize must be 'max' or 'none', got {normalize!r}")
+    if scorer not in ("attention", "bn"):
+        raise ValueError(f"scorer must be 'attention' or 'bn', got {scorer!r}")
+    if init_bias is None:
+        init_bias = default_init_bias(normalize)
+    if isinstance(init_bias, bool) or not isinstance(init_bias, (int, float)) \
+            or not math.isfinite(init_bias):
+        raise ValueError(f"init_bias must be a finite number, got {init_bias!r}")
+    params = list(model.parameters())
+    if not params:
+        raise ValueError("the model has no parameters to prune")
+    if any(p.is_meta for p in params):
+        raise ValueError("the model is on the meta device: materialise it (e.g. model.to_empty("
+                         "device='cpu') and initialise) before paamify; scoring needs real weights")
+    return float(init_bias)
+
+
 def paamify(model: nn.Module, coupling: str = "internal", dim: int = 32, leak: float = 0.01,
             normalize: str = "max", input_size: tuple[int, ...] | None = None,
             scorer: str = "attention", init_bias: float | None = None,
@@ -406,27 +432,7 @@ def paamify(model: nn.Module, coupling: str = "internal", dim: int = 32, leak: f
         the same model, with ``model.paam`` (:class:`PaamController`).  Units that cannot be gated
         are listed in ``model.paam.structure.ungated`` with the reason.
     """
-    if is_paamified(model):
-        raise ValueError("this model is already paamified (model.paam exists); paamify it once")
-    if not isinstance(dim, int) or dim < 1:
-        raise ValueError(f"dim must be a positive integer, got {dim!r}")
-    if not (isinstance(leak, (int, float)) and 0 <= leak < math.inf):
-        raise ValueError(f"leak must be a finite non-negative number, got {leak!r}")
-    if normalize not in ("max", "none"):
-        raise ValueError(f"normalize must be 'max' or 'none', got {normalize!r}")
-    if scorer not in ("attention", "bn"):
-        raise ValueError(f"scorer must be 'attention' or 'bn', got {scorer!r}")
-    if init_bias is None:
-        init_bias = default_init_bias(normalize)
-    if isinstance(init_bias, bool) or not isinstance(init_bias, (int, float)) \
-            or not math.isfinite(init_bias):
-        raise ValueError(f"init_bias must be a finite number, got {init_bias!r}")
-    params = list(model.parameters())
-    if not params:
-        raise ValueError("the model has no parameters to prune")
-    if any(p.is_meta for p in params):
-        raise ValueError("the model is on the meta device: materialise it (e.g. model.to_empty("
-                         "device='cpu') and initialise) before paamify; scoring needs real weights")
+    init_bias = _check_options(model, dim, leak, normalize, scorer, init_bias)
     if input_size is None:
         input_size = tuple(getattr(model, "input_size", DEFAULT_INPUT_SIZE))
         if len(input_size) == 3:
