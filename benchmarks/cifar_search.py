@@ -54,6 +54,9 @@ GRIDS = {
         ("uniform keep=0.5", ["--method", "uniform", "--keep", "0.5"]),
         ("uniform keep=0.7", ["--method", "uniform", "--keep", "0.7"]),
         ("slim", ["--method", "slim"]),
+        # controls and the per-filter path of the scoring network
+        ("random", ["--method", "random"]),
+        ("paam residual", ["--scorer-residual"]),
     ],
     "proxy": [
         ("dense", ["--method", "dense"]),

@@ -39,7 +39,7 @@ from .paamify import apply_masks, compact, controller, default_init_bias, paamif
 from .provenance import environment, file_sha256, tensor_digest
 from .pruner import DEFAULT_LAMBDA, Pruner
 from .report import report
-from .selection import uniform_alive
+from .selection import random_alive, uniform_alive
 from .step import TrainStep
 
 __all__ = ["Recipe", "RECIPES", "build_parser", "main", "run"]
@@ -106,9 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
            "cifar10: --data as a JPEG tar/ImageFolder/torchvision binary folder; imagenet and "
            "imagefolder: an ImageFolder tree with train/ and val/ (or test/)")
     a("--data", default=None, help="path of the dataset (not used by digits)\n" + D.LAYOUTS)
-    a("--method", default="paam", choices=["paam", "dense", "slim", "uniform", "retrain"],
+    a("--method", default="paam",
+      choices=["paam", "dense", "slim", "uniform", "random", "retrain"],
       help="paam; dense (no pruning); slim (Network Slimming: L1 on BN γ, same selection); "
            "uniform (every unit thinned to the same fraction from the start, same budget); "
+           "random (every unit thinned to its own random share, seeded by --seed, scaled to "
+           "the same budget: a control); "
            "retrain (set by --retrain)")
     a("--retrain", default=None, metavar="RUN", help="train the widths that a finished PAAM (or "
       "slim) run selected from scratch, with this recipe, as --method uniform trains its thinned "
@@ -289,10 +292,11 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
         args.lam = DEFAULT_SLIM_LAMBDA if args.method == "slim" else DEFAULT_LAMBDA
     if args.keep is None and args.mass is None and args.target is None:
         args.keep = 0.5
-    if args.target is not None and args.keep is not None and args.method != "uniform":
+    if args.target is not None and args.keep is not None \
+            and args.method not in ("uniform", "random"):
         args.keep = None  # --target implies mass-mode selection
-    if args.method == "uniform" and args.keep is None:
-        raise UsageError("--method uniform needs --keep (the parameter budget)")
+    if args.method in ("uniform", "random") and args.keep is None:
+        raise UsageError(f"--method {args.method} needs --keep (the parameter budget)")
     if args.dataset != "digits" and not args.data:
         raise UsageError(f"--dataset {args.dataset} needs --data PATH\n{D.LAYOUTS}")
     if args.fork_from is not None:
@@ -561,10 +565,13 @@ class Run:
         if args.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.dense_counts = self._counts()
-        if args.method == "uniform":  # thinned from the first step, then trained as is
+        if args.method in ("uniform", "random"):  # thinned from the first step, trained as is
             ctrl = controller(self.model)
-            apply_masks(self.model, uniform_alive(ctrl.units, ctrl.structure, args.keep,
-                                                  args.select_cost, args.round_to))
+            alive = (uniform_alive(ctrl.units, ctrl.structure, args.keep, args.select_cost,
+                                   args.round_to) if args.method == "uniform" else
+                     random_alive(ctrl.units, ctrl.structure, args.keep, args.select_cost,
+                                  args.round_to, seed=args.seed))
+            apply_masks(self.model, alive)
             compact(self.model)
         elif args.method == "retrain":  # a PAAM run's widths, thinned and trained as uniform is
             ctrl = controller(self.model)

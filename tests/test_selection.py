@@ -96,3 +96,23 @@ def test_bad_selection_options(kw, msg):
     ctrl, gates, alive = _resnet20()
     with pytest.raises(ValueError, match=msg):
         choose(ctrl.units, gates, alive, ctrl.structure, ctrl.widths(), keep=0.5, **kw)
+
+
+def test_random_widths_fit_the_budget_differ_by_seed_and_repeat_per_seed():
+    ctrl, _, _ = _resnet20()
+    from paam_fast.selection import random_alive
+
+    def widths(seed):
+        alive = random_alive(ctrl.units, ctrl.structure, 0.3, seed=seed)
+        return {n: int(m.sum()) for n, m in alive.items()}
+
+    budget = 0.3 * ctrl.structure.params()
+    seen = set()
+    for seed in range(5):
+        w = widths(seed)
+        assert w == widths(seed) and min(w.values()) >= 1
+        full = dict(ctrl.widths())
+        full.update({u.id: w[u.name] for u in ctrl.units})
+        assert budget * 0.9 <= ctrl.structure.params(full) <= budget
+        seen.add(tuple(w.values()))
+    assert len(seen) == 5

@@ -43,7 +43,7 @@ def test_embedded_default_two_epochs(tmp_path):
     assert pf.count(again, (1, 3, 32, 32))["params"] == rep["params_final"]
 
 
-@pytest.mark.parametrize("method", ["dense", "slim", "uniform"])
+@pytest.mark.parametrize("method", ["dense", "slim", "uniform", "random"])
 def test_baselines_run(tmp_path, method):
     out = str(tmp_path / method)
     assert main(["--epochs", "2", "--method", method, "--out", out, "--quiet",

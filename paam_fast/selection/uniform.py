@@ -1,4 +1,5 @@
-"""The ``uniform`` baseline's widths: every unit thinned to the same fraction of its filters."""
+"""The baselines' widths: ``uniform`` (every unit thinned to the same fraction of its filters)
+and ``random`` (every unit thinned to its own random fraction, all scaled to the budget)."""
 
 from __future__ import annotations
 
@@ -13,26 +14,29 @@ from .result import check_keep
 
 
 def uniform_widths(units: list[Space], structure: Structure, keep: float, cost: str = "params",
-                   round_to: int = 1) -> dict[int, int]:
+                   round_to: int = 1, shares: list[float] | None = None) -> dict[int, int]:
     """Widths (space id -> channels) with every unit at its first ⌈r·F⌉ filters (rounded up to
-    ``round_to``), r the largest fraction that fits ``keep`` × the dense ``cost``."""
+    ``round_to``), r the largest fraction that fits ``keep`` × the dense ``cost``.  With
+    ``shares`` (one per unit, in (0, 1]) unit u keeps ⌈min(1, r·shares[u])·F⌉ instead."""
     check_keep(keep)
+    shares = shares or [1.0] * len(units)
     total = cost_model(structure, cost).total
     dense_w = structure.widths()
     budget = keep * total(dense_w)
 
     def widths(r: float) -> dict[int, int]:
         w = dict(dense_w)
-        for u in units:
+        for u, share in zip(units, shares):
             gm = getattr(u, "groups", 1)
             step = round_to // math.gcd(round_to, gm)
-            w[u.id] = gm * round_up(max(1, math.ceil(r * u.width / gm - 1e-9)), step,
-                                  u.width // gm)
+            frac = min(1.0, r * share)
+            w[u.id] = gm * round_up(max(1, math.ceil(frac * u.width / gm - 1e-9)), step,
+                                    u.width // gm)
         return w
 
     if total(widths(0.0)) > budget:
         raise ValueError(f"keep={keep}: even one filter per unit exceeds the budget")
-    lo, hi = 0.0, 1.0
+    lo, hi = 0.0, 1.0 / min(shares)
     for _ in range(50):  # bisection on r: the count is monotone in r
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if total(widths(mid)) <= budget else (lo, mid)
@@ -43,7 +47,22 @@ def uniform_alive(units: list[Space], structure: Structure, keep: float, cost: s
                   round_to: int = 1) -> dict[str, torch.Tensor]:
     """The `uniform` baseline as masks: {unit name: (F,) bool}, the first filters of every
     group kept."""
-    w = uniform_widths(units, structure, keep, cost, round_to)
+    return _first(units, uniform_widths(units, structure, keep, cost, round_to))
+
+
+def random_alive(units: list[Space], structure: Structure, keep: float, cost: str = "params",
+                 round_to: int = 1, seed: int = 0, min_share: float = 0.05
+                 ) -> dict[str, torch.Tensor]:
+    """The `random` control: each unit's share drawn uniformly from [min_share, 1] (a generator
+    seeded by ``seed``), then every share scaled by the one factor that fits the budget: random
+    allocations at the same cost, which a learned allocation must beat."""
+    gen = torch.Generator().manual_seed(seed)
+    shares = (min_share + (1 - min_share) * torch.rand(len(units), generator=gen,
+                                                       dtype=torch.float64)).tolist()
+    return _first(units, uniform_widths(units, structure, keep, cost, round_to, shares))
+
+
+def _first(units: list[Space], w: dict[int, int]) -> dict[str, torch.Tensor]:
     out = {}
     for u in units:
         gm = getattr(u, "groups", 1)
