@@ -33,6 +33,9 @@ def _take_param(m: nn.Module, name: str, take, optimizer) -> None:
     """Replace ``m.<name>`` by ``take(it)``; the gradient and every optimizer state tensor
     shaped like it go through the same ``take``."""
     p = m._parameters[name]
+    if _channels_last(p):  # keep the layout: a compacted model must not fall back to NCHW
+        inner = take
+        take = lambda t: inner(t).contiguous(memory_format=torch.channels_last)  # noqa: E731
     new = nn.Parameter(take(p.detach()).clone(), requires_grad=p.requires_grad)
     if p.grad is not None:
         new.grad = take(p.grad).clone()
@@ -45,6 +48,12 @@ def _take_param(m: nn.Module, name: str, take, optimizer) -> None:
                 k: take(v).clone() if torch.is_tensor(v) and v.shape == p.shape
                 else v for k, v in state.items()}
     m._parameters[name] = new
+
+
+def _channels_last(t: torch.Tensor) -> bool:
+    """A 4-d tensor stored channels_last (and not also plain contiguous, as 1×1 shapes are)."""
+    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) \
+        and not t.is_contiguous()
 
 
 def group_gather(weight_shape, groups: int, idx: torch.Tensor) -> torch.Tensor:

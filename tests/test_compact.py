@@ -132,3 +132,20 @@ def test_compact_grouped_resnet18_and_mobilenet():
         opt.zero_grad()
         F.cross_entropy(model(x), torch.tensor([1, 2])).backward()
         opt.step()  # training goes on with the same optimizer
+
+
+def test_a_channels_last_model_stays_channels_last_after_compaction():
+    # a compacted model that fell back to NCHW weights would run its convs through layout
+    # conversions: the speed of --channels-last lost after selection
+    model = pf.paamify(pf.models.get_model("resnet20")).to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    model(x).sum().backward()
+    opt.step()
+    pf.select(model, keep=0.3)
+    pf.compact(model, opt)
+    convs = [p for p in model.parameters() if p.dim() == 4]
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    bufs = [s["momentum_buffer"] for s in opt.state.values() if s["momentum_buffer"].dim() == 4]
+    assert bufs and all(b.is_contiguous(memory_format=torch.channels_last) for b in bufs)
+    assert any(not p.is_contiguous() for p in convs)  # truly channels_last, not 1×1 shapes
