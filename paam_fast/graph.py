@@ -405,8 +405,12 @@ def _concats(cat_segs: dict[int, list[int]], cat_name: dict[int, str], uf: _Unio
              spaces: dict[int, Space]) -> list[Cat]:
     """Concatenations whose result is read only by channel-mixing consumers (through
     zero-preserving ops): their segments can be gated, the consumers sliced at offsets.
-    Otherwise (a BN, an add, the output, ... reads the concat) every segment stays fixed."""
+    Otherwise (a BN, an add, the output, ... reads the concat) every segment stays fixed, and
+    so does the concat's result where a residual add joins it to other producers' channels
+    (MixNet's mixed convs, issue 19): a gate on those channels would need the fixed segments'
+    rows sliced with them, which nothing does."""
     cats: list[Cat] = []
+    joined: dict[int, str] = {}  # space with producers -> the first concat it carries
     for c, segs in cat_segs.items():
         sp = spaces[uf.find(c)]
         why = None
@@ -424,6 +428,8 @@ def _concats(cat_segs: dict[int, list[int]], cat_name: dict[int, str], uf: _Unio
                 msg = f"concatenated by '{cat_name[c]}', whose result {why}"
                 if msg not in seg.fixed:
                     seg.fixed.append(msg)
+            if sp.producers and not sp.fixed:
+                joined.setdefault(sp.id, cat_name[c])
             continue
         if not sp.consumers:
             continue  # only read by another concat: that one carries the segments
@@ -433,6 +439,9 @@ def _concats(cat_segs: dict[int, list[int]], cat_name: dict[int, str], uf: _Unio
         cats.append(cat)
         for r in dict.fromkeys(uf.find(r) for r in segs):
             spaces[r].cats.append(cat.id)
+    for sid, name in joined.items():
+        spaces[sid].fixed.append(f"joins the result of concatenation '{name}', whose segments "
+                                 "cannot be pruned with it")
     return cats
 
 
