@@ -301,15 +301,16 @@ def _non_tensor(w: Walk, op: Op) -> bool:
     # Non-tensor results (sizes, tuples): a tuple of tensors is opaque to us.
     node = op.node
     if node.op != "placeholder" and node.meta.get("tensor_meta") is not None:
-        w.fix(node.all_input_nodes, f"consumed by '{node.target}', which returns several tensors")
+        w.fix(node.all_input_nodes, f"consumed by '{_label(node.target)}' (node {node.name}), "
+              "which returns several tensors")
     return True
 
 
 @rule("last_dim")
 def _last_dim(w: Walk, op: Op) -> bool:
     node = op.node
-    w.fix(op.ins, f"its last-dim channels are read by '{node.target}' (node {node.name})")
-    w.space_of[node] = w.new_space(op.out_w, f"produced by '{node.target}'")
+    w.fix(op.ins, f"its last-dim channels are read by '{op.label}' (node {node.name})")
+    w.space_of[node] = w.new_space(op.out_w, f"produced by '{op.label}'")
     return True
 
 
