@@ -21,61 +21,32 @@ Why torch.fx and not Torch-Pruning's DependencyGraph: PAAM needs more than "whic
 pruned together" — it needs where along each producer's channel-wise chain the gate sits (after
 the *last* BN, so that BN cannot cancel it), and a proof that a dropped channel is exactly zero
 where every consumer reads it (so the masked and the physically pruned network compute the same
-thing).  Both come out of the same walk over the fx graph below, with a reason for every space we
-refuse, in ~300 lines and no extra dependency.
+thing).  Both come out of the same walk over the fx graph, with a reason for every space we
+refuse, and no extra dependency.
+
+The walk itself is one rule per operation kind in :mod:`paam_fast.graph_rules`; this module
+merges its raw spaces, places the gates and builds the cost model.
 """
 
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from .graph_rules import (
+    Walk,
+    _is_depthwise,
+    _is_drop_module,
+    _is_scale_module,
+    _UnionFind,
+    walk,
+)
+
 __all__ = ["Space", "Cat", "ModuleCost", "Structure", "analyse"]
-
-# Channel-wise activations with f(0) = 0: a zero channel stays zero through them.
-_ACT_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardswish, nn.SiLU, nn.GELU, nn.LeakyReLU, nn.Hardtanh,
-                nn.Mish, nn.ELU, nn.Tanh)
-_POOL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
-_PASS_MODULES = _ACT_MODULES + _POOL_MODULES + (nn.Dropout, nn.Dropout2d, nn.Identity)
-_PASS_FUNCTIONS = {
-    F.relu, torch.relu, torch.relu_, F.relu_, F.relu6, F.hardtanh, F.hardswish, F.silu, F.gelu,
-    F.leaky_relu, F.elu, F.mish, torch.tanh, F.dropout, F.dropout2d, F.max_pool2d, F.avg_pool2d,
-    F.adaptive_avg_pool2d, F.adaptive_max_pool2d,
-}
-_PASS_METHODS = {"relu", "relu_", "contiguous", "clone", "tanh"}
-_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
-_ADD_METHODS = {"add", "add_"}
-_FLATTEN_FUNCTIONS = {torch.flatten}
-_VIEW_METHODS = {"view", "reshape", "flatten"}
-_MEAN = {torch.mean}
-_MUL_FUNCTIONS = {operator.mul, operator.imul, torch.mul}
-_MUL_METHODS = {"mul", "mul_"}
-_CAT_FUNCTIONS = {torch.cat, torch.concat}
-# The gate of a squeeze-excitation block: f(0) != 0, so allowed only as the scale operand of a
-# multiply (x * sigmoid(fc2(...))), where a dropped channel of x stays zero whatever the scale.
-_SCALE_MODULES = (nn.Sigmoid, nn.Hardsigmoid)
-_SCALE_NAMES = {"Sigmoid", "Hardsigmoid", "HardSigmoid", "HardSigmoidMe", "GateSigmoid"}
-_SCALE_FUNCTIONS = {torch.sigmoid, F.sigmoid, F.hardsigmoid}
-_SCALE_METHODS = {"sigmoid", "sigmoid_"}
-# Per-sample drop of the whole residual branch (0 stays 0): identity in eval.
-_DROP_NAMES = {"StochasticDepth", "DropPath", "DropBlock2d"}
-_DROP_FUNCTION_NAMES = {"stochastic_depth", "drop_path"}
-# reshapes of an SE scale on its way to the multiply: y.view(b, c, 1, 1), y.expand_as(x)
-_SCALE_SHAPE_METHODS = {"view", "reshape", "expand_as", "expand", "unsqueeze"}
-
-
-def _is_scale_module(m: nn.Module) -> bool:
-    return isinstance(m, _SCALE_MODULES) or type(m).__name__ in _SCALE_NAMES
-
-
-def _is_drop_module(m: nn.Module) -> bool:
-    return type(m).__name__ in _DROP_NAMES
 
 
 @dataclass
@@ -252,40 +223,6 @@ class _Tracer(fx.Tracer):
         return super().is_leaf_module(m, qualname)
 
 
-class _UnionFind:
-    def __init__(self) -> None:
-        self.parent: list[int] = []
-
-    def new(self) -> int:
-        self.parent.append(len(self.parent))
-        return len(self.parent) - 1
-
-    def find(self, a: int) -> int:
-        while self.parent[a] != a:
-            self.parent[a] = self.parent[self.parent[a]]
-            a = self.parent[a]
-        return a
-
-    def union(self, a: int, b: int) -> int:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)
-        return min(ra, rb)
-
-
-def _is_tensor(node: fx.Node) -> bool:
-    meta = node.meta.get("tensor_meta")
-    return meta is not None and hasattr(meta, "shape")
-
-
-def _shape(node: fx.Node) -> tuple[int, ...]:
-    return tuple(node.meta["tensor_meta"].shape)
-
-
-def _is_depthwise(m: nn.Conv2d) -> bool:
-    return m.groups > 1 and m.groups == m.in_channels == m.out_channels
-
-
 def _trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
     try:
         graph = _Tracer().trace(model)
@@ -333,206 +270,43 @@ def analyse(model: nn.Module, input_size: tuple[int, ...], coupling: str = "inte
     example = torch.randn(*input_size, dtype=dtype, device=device)
     gm = _trace(model, example)
     mods = dict(model.named_modules())
-
-    uf = _UnionFind()
-    space_of: dict[fx.Node, int] = {}  # tensor node -> raw space id
-    width: dict[int, int] = {}
-    fixed: dict[int, list[str]] = {}
-    role: list[tuple[str, str, int]] = []  # (kind, module name, raw space): producer/cw/dw/consumer
-    linear_in: dict[str, tuple[int, int]] = {}  # linear name -> (raw space, in features)
-    calls: dict[str, int] = {}
     # MACs are counted as the model computes in eval mode (paam_fast.count's convention): a
     # branch only the training forward takes (GoogLeNet's aux classifiers) costs no FLOPs.
     spatial, linear_calls = _eval_calls(model, example)
-    adds: list[int] = []
-    group_req: dict[int, list[tuple[int, str]]] = {}  # raw space -> (groups, conv) constraints
-    cat_segs: dict[int, list[int]] = {}  # raw space of a concat -> raw spaces of its segments
-    cat_name: dict[int, str] = {}
-    scale_raw: set[int] = set()  # raw spaces of scale activations' outputs (and their reshapes)
-    # raw spaces whose channels are the *last* dim: the hidden features of a Linear applied to
-    # (N, ..., C) tensors (a transformer / ConvNeXt MLP); only elementwise ops keep them
-    last_raw: set[int] = set()
+    w = walk(gm, mods, skip)  # every tensor gets a raw channel space (graph_rules.py)
 
-    def new_space(w: int, reason: str | None = None) -> int:
-        s = uf.new()
-        width[s] = w
-        fixed[s] = [reason] if reason else []
-        return s
+    spaces = _spaces(w)
+    uf = w.uf
+    cats = _concats(w.cat_segs, w.cat_name, uf, spaces)
+    node_space = {n: uf.find(s) for n, s in w.space_of.items()}
+    warnings = _gate(spaces, coupling, gm, node_space, mods, forced_sites)
+    ungated = [(sp.name, "; ".join(sp.fixed)) for sp in spaces.values()
+               if sp.producers and sp.fixed]
 
-    def fix(node_arg, reason: str) -> None:
-        for a in node_arg:
-            if isinstance(a, fx.Node) and a in space_of:
-                fixed[space_of[a]].append(reason)
+    # a concat whose segment is not gated after all (fixed while placing gates) keeps it whole
+    costs, covered = _cost_model(mods, w.role, uf, spaces, w.linear_in, spatial, cats)
+    for c in costs:
+        if c.kind == "linear":
+            c.calls = linear_calls.get(c.name, 0)
+    total = sum(p.numel() for n, p in model.named_parameters()
+                if not any(n.startswith(s + ".") for s in skip))
+    return Structure(spaces=spaces, units=_units_in_order(gm, mods, w, spaces), ungated=ungated,
+                     costs=costs, const_params=total - covered, input_size=tuple(input_size),
+                     warnings=warnings, cats=cats)
 
-    def tensor_args(node: fx.Node) -> list[fx.Node]:
-        return [a for a in node.all_input_nodes if a in space_of]
 
-    for node in gm.graph.nodes:
-        if node.op == "output":
-            fix(node.all_input_nodes, "reaches the model output")
-            continue
-        if not _is_tensor(node):
-            # Non-tensor results (sizes, tuples): a tuple of tensors is opaque to us.
-            if node.op != "placeholder" and node.meta.get("tensor_meta") is not None:
-                fix(node.all_input_nodes,
-                    f"consumed by '{node.target}', which returns several tensors")
-            continue
-        shape = _shape(node)
-        out_w = shape[1] if len(shape) >= 2 else 1
-        ins = tensor_args(node)
-        src = space_of[ins[0]] if ins else None
-        if any(space_of[a] in last_raw for a in ins) and not _keeps_last(node, ins, mods):
-            fix(ins, f"its last-dim channels are read by '{node.target}' (node {node.name})")
-            space_of[node] = new_space(out_w, f"produced by '{node.target}'")
-            continue
-        if node.op == "placeholder":
-            space_of[node] = new_space(out_w, "carries the model input")
-            continue
-        if node.op == "get_attr":
-            space_of[node] = new_space(out_w, f"a tensor attribute '{node.target}' used directly")
-            continue
-        if node.op == "call_module":
-            name = node.target
-            if any(name == s or name.startswith(s + ".") for s in skip):
-                continue
-            m = mods[name]
-            calls[name] = calls.get(name, 0) + 1
-            if isinstance(m, nn.Conv2d):
-                if _is_depthwise(m):
-                    role.append(("dw", name, src))
-                    space_of[node] = src
-                elif m.groups == 1:
-                    role.append(("consumer", name, src))
-                    space_of[node] = new_space(out_w)
-                    role.append(("producer", name, space_of[node]))
-                else:
-                    # Grouped conv: channel-mixing within each of its groups.  Its input and
-                    # output spaces are pruned group-consistently (same count per group).
-                    role.append(("consumer", name, src))
-                    group_req.setdefault(src, []).append((m.groups, name))
-                    space_of[node] = new_space(out_w)
-                    group_req.setdefault(space_of[node], []).append((m.groups, name))
-                    role.append(("producer", name, space_of[node]))
-                continue
-            if isinstance(m, nn.BatchNorm2d):
-                role.append(("cw", name, src))
-                space_of[node] = src
-                continue
-            if isinstance(m, nn.Linear):
-                in_shape = _shape(ins[0])
-                if len(in_shape) == 2:
-                    role.append(("consumer", name, src))
-                    linear_in[name] = (src, in_shape[1])
-                    space_of[node] = new_space(out_w, f"features of Linear '{name}'")
-                    continue
-                # (N, ..., C): a token / channels-last MLP layer.  It reads a last-dim space
-                # as a channel-mixing consumer, and its own outputs are one (a unit when an
-                # elementwise chain takes them to another such Linear).
-                if src in last_raw:
-                    role.append(("consumer", name, src))
-                    linear_in[name] = (src, in_shape[-1])
-                else:
-                    fix(ins, f"read by Linear '{name}' along its last dimension")
-                space_of[node] = new_space(shape[-1])
-                last_raw.add(space_of[node])
-                role.append(("producer", name, space_of[node]))
-                continue
-            if isinstance(m, nn.Flatten):
-                if m.start_dim == 1 and len(shape) == 2:
-                    space_of[node] = src
-                else:
-                    fix(ins, f"reshaped by '{name}'")
-                    space_of[node] = new_space(out_w, f"reshaped by '{name}'")
-                continue
-            if (isinstance(m, _PASS_MODULES) or _is_drop_module(m)) and len(ins) == 1:
-                space_of[node] = src
-                continue
-            if _is_scale_module(m) and len(ins) == 1:
-                fix(ins, f"feeds the scale activation '{name}' (f(0) != 0)")
-                space_of[node] = new_space(out_w, f"produced by the scale activation '{name}'")
-                scale_raw.add(space_of[node])
-                continue
-            fix(ins, f"consumed by unsupported module '{name}' ({type(m).__name__})")
-            space_of[node] = new_space(out_w, f"produced by unsupported module '{name}' "
-                                              f"({type(m).__name__})")
-            if any(True for _ in m.parameters(recurse=False)):
-                role.append(("const", name, -1))
-            continue
-        # call_function / call_method
-        t = node.target
-        label = t if isinstance(t, str) else getattr(t, "__name__", str(t))
-        nontensor_args = [a for a in node.args if not isinstance(a, fx.Node)]
-        if (t in _ADD_FUNCTIONS or t in _ADD_METHODS) and len(ins) == 2 and not nontensor_args \
-                and not node.kwargs and _shape(ins[0]) == _shape(ins[1]) == shape \
-                and (space_of[ins[0]] in last_raw) == (space_of[ins[1]] in last_raw):
-            s = uf.union(space_of[ins[0]], space_of[ins[1]])
-            adds.append(s)
-            space_of[node] = s
-            continue
-        if (t in _PASS_FUNCTIONS or t in _PASS_METHODS or label in _DROP_FUNCTION_NAMES) \
-                and len(ins) == 1 and _shape(ins[0])[:2] == shape[:2]:
-            space_of[node] = src
-            continue
-        if (t in _SCALE_FUNCTIONS or t in _SCALE_METHODS) and len(ins) == 1:
-            fix(ins, f"feeds the scale activation '{label}' (f(0) != 0)")
-            space_of[node] = new_space(out_w, f"produced by the scale activation '{label}'")
-            scale_raw.add(space_of[node])
-            continue
-        if t in _SCALE_SHAPE_METHODS and node.args and isinstance(node.args[0], fx.Node) \
-                and space_of.get(node.args[0]) in scale_raw:
-            # a reshape / expand of a scale: other inputs (expand_as(x)) only give the shape
-            space_of[node] = new_space(out_w, f"a reshaped scale ('{label}')")
-            scale_raw.add(space_of[node])
-            continue
-        if (t in _MUL_FUNCTIONS or t in _MUL_METHODS) and len(ins) == 2 and not node.kwargs:
-            se = _se_scale(node, ins, mods)
-            if se is not None:
-                x, conv = se
-                space_of[node] = space_of[x]
-                role.append(("scale", conv, space_of[x]))
-                continue
-        if t in _CAT_FUNCTIONS:
-            parts = node.args[0] if node.args else node.kwargs.get("tensors")
-            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-            if isinstance(parts, (list, tuple)) and parts and len(shape) >= 2 \
-                    and dim in (1, 1 - len(shape)) \
-                    and all(isinstance(a, fx.Node) and a in space_of for a in parts) \
-                    and all(_shape(a)[1] == width[space_of[a]] for a in parts):
-                # (each part's dim 1 must be its channels: not features flattened from them)
-                c = new_space(out_w)
-                segs: list[int] = []
-                for a in parts:
-                    segs.extend(cat_segs.get(space_of[a], [space_of[a]]))
-                cat_segs[c], cat_name[c] = segs, node.name
-                space_of[node] = c
-                continue
-        if len(ins) == 1 and len(shape) == 2 and len(_shape(ins[0])) >= 2 \
-                and shape[0] == _shape(ins[0])[0] and shape[1] == math.prod(_shape(ins[0])[1:]) \
-                and (t in _FLATTEN_FUNCTIONS or t in _VIEW_METHODS):
-            # Flatten of (N, C, H, W) keeps channel-major order: channel c owns a block of H*W.
-            space_of[node] = src
-            continue
-        if (t in _MEAN or t == "mean") and len(ins) == 1 and len(shape) >= 2 \
-                and shape[:2] == _shape(ins[0])[:2]:
-            space_of[node] = src
-            continue
-        fix(ins, f"consumed by unsupported operation '{label}' (node {node.name})")
-        space_of[node] = new_space(out_w, f"produced by unsupported operation '{label}'")
-
-    # A module called more than once shares weights between places: leave its spaces alone.
-    for _, name, s in role:
-        if calls.get(name, 0) > 1 and s >= 0:
-            fixed[s].append(f"'{name}' is called {calls[name]} times")
-
-    # ----- merge raw spaces into spaces ---------------------------------------------------
+def _spaces(w: Walk) -> dict[int, Space]:
+    """The raw spaces of the walk merged into spaces (one per union-find root), with their
+    fixed reasons, residual adds, group constraints and the modules in each role."""
+    uf = w.uf
     spaces: dict[int, Space] = {}
     for s in range(len(uf.parent)):
         r = uf.find(s)
-        sp = spaces.setdefault(r, Space(id=r, width=width[r]))
-        sp.fixed.extend(x for x in fixed[s] if x not in sp.fixed)
-    for s in adds:
+        sp = spaces.setdefault(r, Space(id=r, width=w.width[r]))
+        sp.fixed.extend(x for x in w.fixed[s] if x not in sp.fixed)
+    for s in w.adds:
         spaces[uf.find(s)].has_add = True
-    for s, reqs in group_req.items():
+    for s, reqs in w.group_req.items():
         sp = spaces[uf.find(s)]
         for g, conv in reqs:
             sp.groups = math.lcm(sp.groups, g)
@@ -540,7 +314,7 @@ def analyse(model: nn.Module, input_size: tuple[int, ...], coupling: str = "inte
                 sp.fixed.append(f"grouped conv '{conv}' (groups={g}) does not divide it evenly")
             elif sp.groups == sp.width:
                 sp.fixed.append(f"grouped conv '{conv}' (groups={g}) has one channel per group")
-    for kind, name, s in role:
+    for kind, name, s in w.role:
         if s < 0:
             continue
         sp = spaces[uf.find(s)]
@@ -553,16 +327,20 @@ def analyse(model: nn.Module, input_size: tuple[int, ...], coupling: str = "inte
         elif kind == "scale":
             sp.scales.append(name)
         elif kind == "consumer":
-            if name in linear_in:
-                block = linear_in[name][1] // sp.width
-                if block * sp.width != linear_in[name][1]:
+            if name in w.linear_in:
+                block = w.linear_in[name][1] // sp.width
+                if block * sp.width != w.linear_in[name][1]:
                     sp.fixed.append(f"Linear '{name}' features are not a multiple of channels")
                 sp.consumers.append((name, block))
             else:
                 sp.consumers.append((name, 1))
+    return spaces
 
-    cats = _concats(cat_segs, cat_name, uf, spaces)
-    node_space = {n: uf.find(s) for n, s in space_of.items()}
+
+def _gate(spaces: dict[int, Space], coupling: str, gm: fx.GraphModule, node_space: dict,
+          mods: dict, forced_sites: dict[str, str]) -> list[str]:
+    """Place the gate of every space with producers that is not fixed (the coupling may still
+    fix it); returns the warnings."""
     warnings: list[str] = []
     for sp in spaces.values():
         if sp.fixed or not sp.producers:
@@ -575,50 +353,23 @@ def analyse(model: nn.Module, input_size: tuple[int, ...], coupling: str = "inte
                 sp.fixed.append("has several producers")
                 continue
         _place_gates(sp, gm, node_space, mods, forced_sites, warnings)
+    return warnings
 
-    units = [spaces[uf.find(space_of[n])] for n in gm.graph.nodes
+
+def _units_in_order(gm: fx.GraphModule, mods: dict, w: Walk,
+                    spaces: dict[int, Space]) -> list[Space]:
+    """The gateable spaces, in the graph order of their first conv / Linear."""
+    units = [spaces[w.uf.find(w.space_of[n])] for n in gm.graph.nodes
              if n.op == "call_module" and n.target in mods
              and isinstance(mods[n.target], (nn.Conv2d, nn.Linear))
-             and n in space_of]
+             and n in w.space_of]
     seen: set[int] = set()
     ordered: list[Space] = []
     for sp in units:
         if sp.id not in seen and not sp.fixed and sp.producers:
             seen.add(sp.id)
             ordered.append(sp)
-    ungated = [(sp.name, "; ".join(sp.fixed)) for sp in spaces.values()
-               if sp.producers and sp.fixed]
-
-    # a concat whose segment is not gated after all (fixed while placing gates) keeps it whole
-    costs, covered = _cost_model(mods, role, uf, spaces, linear_in, spatial, cats)
-    for c in costs:
-        if c.kind == "linear":
-            c.calls = linear_calls.get(c.name, 0)
-    total = sum(p.numel() for n, p in model.named_parameters()
-                if not any(n.startswith(s + ".") for s in skip))
-    return Structure(spaces=spaces, units=ordered, ungated=ungated, costs=costs,
-                     const_params=total - covered, input_size=tuple(input_size),
-                     warnings=warnings, cats=cats)
-
-
-_ELEMENTWISE_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.gelu, F.silu, F.hardswish,
-                          F.leaky_relu, F.elu, F.mish, torch.tanh, F.dropout}
-_ELEMENTWISE_METHODS = {"relu", "relu_", "contiguous", "clone", "tanh"}
-
-
-def _keeps_last(node: fx.Node, ins: list[fx.Node], mods: dict) -> bool:
-    """Whether ``node`` may read a last-dim space: a Linear, an add, an elementwise activation
-    with f(0) = 0 or dropout (channels stay the last dim and a zero channel stays zero)."""
-    if node.op == "call_module":
-        m = mods[node.target]
-        return isinstance(m, (nn.Linear, nn.Dropout, nn.Identity) + _ACT_MODULES) \
-            or _is_drop_module(m)
-    t = node.target
-    if t in _ADD_FUNCTIONS or t in _ADD_METHODS:
-        return True
-    label = t if isinstance(t, str) else getattr(t, "__name__", "")
-    return len(ins) == 1 and (t in _ELEMENTWISE_FUNCTIONS or t in _ELEMENTWISE_METHODS
-                              or label in _DROP_FUNCTION_NAMES)
+    return ordered
 
 
 def _eval_calls(model: nn.Module, example: torch.Tensor):
@@ -650,40 +401,16 @@ def _eval_calls(model: nn.Module, example: torch.Tensor):
     return spatial, linear
 
 
-def _se_scale(node: fx.Node, ins: list[fx.Node], mods: dict) -> tuple[fx.Node, str] | None:
-    """If ``node`` is the multiply of a squeeze-excitation block, x * act(fc(...)) with act a
-    sigmoid-like gate of one value per (sample, channel) of x (shape (N, C, 1, 1), or (N, C)
-    reshaped / expanded to it) read only here, and fc a 1×1 conv or a Linear, return
-    (x, fc's name)."""
-    for x, s in ((ins[0], ins[1]), (ins[1], ins[0])):
-        xs = _shape(x)
-        if len(xs) != 4 or _shape(node) != xs or len(s.users) != 1:
-            continue
-        while s.op == "call_method" and s.target in _SCALE_SHAPE_METHODS and s.args \
-                and isinstance(s.args[0], fx.Node) and len(s.args[0].users) == 1:
-            s = s.args[0]
-        ss = _shape(s) if _is_tensor(s) else ()
-        if len(ss) < 2 or ss[:2] != xs[:2] or math.prod(ss[2:]) != 1:
-            continue
-        is_act = (s.op == "call_module" and _is_scale_module(mods[s.target])) or (
-            s.op in ("call_function", "call_method") and (s.target in _SCALE_FUNCTIONS
-                                                          or s.target in _SCALE_METHODS))
-        if not is_act or len(s.all_input_nodes) != 1:
-            continue
-        c = s.all_input_nodes[0]
-        m = mods.get(c.target) if c.op == "call_module" else None
-        if ((isinstance(m, nn.Conv2d) and m.groups == 1) or isinstance(m, nn.Linear)) \
-                and len(c.users) == 1:
-            return x, c.target
-    return None
-
-
 def _concats(cat_segs: dict[int, list[int]], cat_name: dict[int, str], uf: _UnionFind,
              spaces: dict[int, Space]) -> list[Cat]:
     """Concatenations whose result is read only by channel-mixing consumers (through
     zero-preserving ops): their segments can be gated, the consumers sliced at offsets.
-    Otherwise (a BN, an add, the output, ... reads the concat) every segment stays fixed."""
+    Otherwise (a BN, an add, the output, ... reads the concat) every segment stays fixed, and
+    so does the concat's result where a residual add joins it to other producers' channels
+    (MixNet's mixed convs, issue 19): a gate on those channels would need the fixed segments'
+    rows sliced with them, which nothing does."""
     cats: list[Cat] = []
+    joined: dict[int, str] = {}  # space with producers -> the first concat it carries
     for c, segs in cat_segs.items():
         sp = spaces[uf.find(c)]
         why = None
@@ -701,6 +428,8 @@ def _concats(cat_segs: dict[int, list[int]], cat_name: dict[int, str], uf: _Unio
                 msg = f"concatenated by '{cat_name[c]}', whose result {why}"
                 if msg not in seg.fixed:
                     seg.fixed.append(msg)
+            if sp.producers and not sp.fixed:
+                joined.setdefault(sp.id, cat_name[c])
             continue
         if not sp.consumers:
             continue  # only read by another concat: that one carries the segments
@@ -710,6 +439,9 @@ def _concats(cat_segs: dict[int, list[int]], cat_name: dict[int, str], uf: _Unio
         cats.append(cat)
         for r in dict.fromkeys(uf.find(r) for r in segs):
             spaces[r].cats.append(cat.id)
+    for sid, name in joined.items():
+        spaces[sid].fixed.append(f"joins the result of concatenation '{name}', whose segments "
+                                 "cannot be pruned with it")
     return cats
 
 

@@ -372,3 +372,93 @@ def test_channels_last_mlp_hidden_features_are_units():
     assert any(n == "fc3" and "read by 'mean'" in r for n, r in model.paam.structure.ungated)
     _, plain = check_prunes_to_half(TokenMLP, "internal")
     assert plain.fc1.out_features == plain.fc2.in_features < 96
+
+
+class MixConv(nn.Module):
+    """MixNet's mixed-kernel conv (timm MixedConv2d): split the channels, run convs of different
+    kernel sizes per chunk, concatenate."""
+
+    def __init__(self, cin, cout, kernels, depthwise=False):
+        super().__init__()
+        k = len(kernels)
+        ins = [cin // k + (cin % k if i == 0 else 0) for i in range(k)]
+        outs = [cout // k + (cout % k if i == 0 else 0) for i in range(k)]
+        self.splits = ins
+        self.convs = nn.ModuleList(
+            nn.Conv2d(i, o, ks, padding=ks // 2, groups=i if depthwise else 1, bias=False)
+            for i, o, ks in zip(ins, outs, kernels))
+
+    def forward(self, x):
+        parts = torch.split(x, self.splits, 1)
+        return torch.cat([c(parts[i]) for i, c in enumerate(self.convs)], 1)
+
+
+class MixBlock(nn.Module):
+    """An inverted residual of MixNet (timm mixnet_s blocks.5.1): plain 1×1 expand, mixed
+    depthwise 3×3/5×5, mixed 1×1 project whose concatenation feeds the residual add (through
+    its BN)."""
+
+    def __init__(self, c, e):
+        super().__init__()
+        self.pw = nn.Conv2d(c, e, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(e)
+        self.dw = MixConv(e, e, [3, 5], depthwise=True)
+        self.bn2 = nn.BatchNorm2d(e)
+        self.pwl = MixConv(e, c, [1, 1])
+        self.bn3 = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.pw(x)))
+        y = F.relu(self.bn2(self.dw(y)))
+        return x + self.bn3(self.pwl(y))
+
+
+class MixNetLike(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, stride=2, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(16)
+        self.blocks = nn.Sequential(MixBlock(16, 48), MixBlock(16, 32))
+        self.head_conv = nn.Conv2d(16, 24, 1, bias=False)
+        self.bn_head = nn.BatchNorm2d(24)
+        self.mix = MixConv(24, 32, [3, 5])  # its concatenation is read by the classifier only
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = self.blocks(F.relu(self.bn0(self.stem(x))))
+        x = self.mix(F.relu(self.bn_head(self.head_conv(x))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(F.relu(x), 1), 1))
+
+
+@pytest.mark.parametrize("coupling", ["internal", "grouped"])
+def test_split_concat_into_residual_add_prunes_exactly(coupling):
+    # timm mixnet_s (issue 19): a residual add joins the stem's channels to the concatenation
+    # of split convs.  The segments are not sliced to follow a gate on the add's channels, so
+    # those channels stay ungated, with the reason; the rest prunes exactly (masked == exported).
+    model, plain = check_prunes_to_half(MixNetLike, coupling)
+    units = {u.name for u in model.paam.units}
+    assert units == {"mix.convs.0", "mix.convs.1"}  # segments read by the classifier: gated
+    reasons = dict(model.paam.structure.ungated)
+    want = "concatenation 'cat"  # names the concatenation (node cat_N) joined to the add
+    assert want in reasons["stem"], reasons["stem"]
+    assert plain.fc.in_features < 32
+
+
+@pytest.mark.parametrize("coupling", ["internal", "grouped"])
+def test_timm_mixnet_s_prunes_exactly(coupling):
+    # issue 19: the forward after selection raised "x has 200 channels but 10 are alive".  Its
+    # split convs leave over half the parameters ungated, so keep=0.5 is out of reach: 0.75.
+    fn = _timm("mixnet_s")
+    dense = fn()
+    model = pf.paamify(fn(), coupling=coupling, input_size=SIZE)
+    model.load_state_dict(dense.state_dict(), strict=False)
+    randomize(model)
+    model.eval()
+    x = torch.randn(2, *SIZE[1:])
+    model(x)
+    sel = pf.select(model, keep=0.75)
+    y_masked = model(x)
+    plain = pf.export(model)
+    assert rel(plain(x), y_masked) <= 1e-5
+    assert pf.count(plain, SIZE)["params"] == sel.params <= 0.75 * pf.count(dense, SIZE)["params"]
+    assert "concatenation 'cat" in dict(model.paam.structure.ungated)["blocks.5.0.conv_pwl"]
