@@ -748,9 +748,12 @@ class Run:
                 and self.epoch + 1 == self.pruner.select_epoch:
             # the state a fork starts from: the joint phase done, the selection not yet
             # (with the last forward's gates, which the selection ranks)
-            last = controller(self.model)._last.value
+            ctrl = controller(self.model)
+            last = ctrl._last.value
+            names = [[ctrl.units[i].name for i in idx] for idx in ctrl.group_units]
             self.save_checkpoint(fork.presel_path(self.args.out), last_loss=loss, last_acc=acc,
-                                 last_gates=[g.detach().clone() for g in last or []])
+                                 last_gates=[g.detach().clone() for g in last or []],
+                                 last_gate_units=json.dumps(names))
         events = self.pruner.epoch_end(self.epoch) if self.pruner is not None else []
         if any(e["event"] in ("select", "compact") for e in events):
             self._wrap()  # new masks or parameters: DDP buckets, compiled code, CUDA graph
