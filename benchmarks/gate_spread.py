@@ -36,7 +36,8 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+")
     for run in ap.parse_args().runs:
-        print(f"## {run}\n\n| unit | filters | mean g | p10 | p50 | p90 |\n|---|---|---|---|---|---|")
+        print(f"## {run}\n\n| unit | filters | mean g | p10 | p50 | p90 |")
+        print("|---|---|---|---|---|---|")
         for r in spread(run):
             print(f"| {r['unit']} | {r['filters']} | {r['mean']:.3f} | {r['p10']:.3f} | "
                   f"{r['p50']:.3f} | {r['p90']:.3f} |")
