@@ -22,6 +22,8 @@ captured code path eagerly, which is how it is tested without a GPU.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -86,12 +88,18 @@ class TrainStep:
         mode: "eager" (plain step, ``optimizer.step()``), "graph" (CUDA graph of the whole
             step) or "static" (the graph's code path run eagerly; for testing).
         warmup: eager steps before the capture (DDP needs 11).
+        post_backward: called with no argument after ``loss.backward()``, before the update
+            (a peer's regularizer adding to ``.grad``, e.g. Torch-Pruning's ``regularize``);
+            eager mode only, since such a callback may read the host.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, pruner=None,
-                 amp: bool = False, mode: str = "eager", warmup: int = 3) -> None:
+                 amp: bool = False, mode: str = "eager", warmup: int = 3,
+                 post_backward: Callable[[], None] | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if post_backward is not None and mode != "eager":
+            raise ValueError(f"post_backward runs in mode='eager' only, got mode={mode!r}")
         if mode != "eager" and not isinstance(optimizer, torch.optim.SGD):
             raise TypeError(f"mode={mode!r} needs torch.optim.SGD, got "
                             f"{type(optimizer).__name__}")
@@ -101,6 +109,7 @@ class TrainStep:
             raise ValueError(f"warmup must be a positive integer, got {warmup!r}")
         self.model, self.optimizer, self.pruner = model, optimizer, pruner
         self.amp, self.mode, self.warmup = amp, mode, warmup
+        self.post_backward = post_backward
         self._lrs: list[torch.Tensor] | None = None
         self._lam: torch.Tensor | None = None
         self.reset()
@@ -130,6 +139,8 @@ class TrainStep:
         loss = task + self.pruner.penalty() if self._penalty_on() else task
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.post_backward is not None:
+            self.post_backward()
         self.optimizer.step()
         return task.detach(), (out.detach().argmax(1) == y).sum()
 

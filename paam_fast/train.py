@@ -5,9 +5,12 @@
     torchrun --nproc_per_node 8 -m paam_fast.train --dataset imagenet --data /imagenet
 
 Methods: ``paam`` (attention scores + penalty + global selection), ``dense`` (same recipe, no
-gates), ``slim`` (Network Slimming: L1 on BN γ, then the same selection and compaction) and
+gates), ``slim`` (Network Slimming: L1 on BN γ, then the same selection and compaction),
 ``uniform`` (every unit thinned to the same fraction from the first step, sized to the same
-parameter budget).  The training loop drives :class:`paam_fast.Pruner`.
+parameter budget) and ``torch-pruning`` (the peer library's group-norm sparse learning and one
+global pruning step to the same budget, :mod:`paam_fast.peers.torch_pruning`; optional,
+``pip install torch-pruning==1.6.1``).  The training loop drives :class:`paam_fast.Pruner` (or
+the peer).
 
 Outputs in ``--out``: metrics.jsonl, report.json, widths.png / scores.png / curves.png, the
 final model (``model.paam``, see :func:`paam_fast.save`), config.json and the checkpoint
@@ -36,6 +39,7 @@ from .count import count
 from .export import plan_of, save
 from .models import CIFAR_ARCHS, TORCHVISION_ARCHS, get_model
 from .paamify import apply_masks, compact, controller, default_init_bias, paamify, param_groups
+from .peers import torch_pruning as tp_peer
 from .provenance import environment, file_sha256, tensor_digest
 from .pruner import DEFAULT_LAMBDA, Pruner
 from .report import report
@@ -107,12 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
            "imagefolder: an ImageFolder tree with train/ and val/ (or test/)")
     a("--data", default=None, help="path of the dataset (not used by digits)\n" + D.LAYOUTS)
     a("--method", default="paam",
-      choices=["paam", "dense", "slim", "uniform", "random", "retrain"],
+      choices=["paam", "dense", "slim", "uniform", "random", "retrain", "torch-pruning"],
       help="paam; dense (no pruning); slim (Network Slimming: L1 on BN γ, same selection); "
            "uniform (every unit thinned to the same fraction from the start, same budget); "
            "random (every unit thinned to its own random share, seeded by --seed, scaled to "
            "the same budget: a control); "
-           "retrain (set by --retrain)")
+           "retrain (set by --retrain); torch-pruning (Torch-Pruning's group-norm sparse "
+           "learning, then one global pruning step to the --keep budget at --select-epoch; "
+           f"needs {tp_peer.INSTALL})")
     a("--retrain", default=None, metavar="RUN", help="train the widths that a finished PAAM (or "
       "slim) run selected from scratch, with this recipe, as --method uniform trains its thinned "
       "network (ours, not the paper's): RUN is that run's folder or its report.json")
@@ -130,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--schedule", default="step", choices=["step", "cosine"],
       help="step: ×0.1 at the recipe's milestones scaled to --epochs; cosine: to 0")
     a("--lam", type=float, default=None, help=f"λ, the penalty coefficient (paam default "
-      f"{DEFAULT_LAMBDA}, slim default {DEFAULT_SLIM_LAMBDA})")
+      f"{DEFAULT_LAMBDA}, slim default {DEFAULT_SLIM_LAMBDA}, torch-pruning: its reg, default "
+      f"{tp_peer.DEFAULT_REG})")
     a("--target", type=_fraction, default=None, help="fraction of params (or --select-cost) to "
       "keep, reached by adjusting λ each epoch so mass selection lands on it")
     a("--select-epoch", type=int, default=None, help="E_sel: epochs trained before selection "
@@ -288,8 +295,11 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     if args.penalty_balance == "budget" and args.method == "paam" and args.mass is not None:
         raise UsageError("--penalty-balance budget needs a budget: --keep or --target, not "
                          "--mass")
+    if args.method == "torch-pruning":
+        _check_torch_pruning(args)
     if args.lam is None:
-        args.lam = DEFAULT_SLIM_LAMBDA if args.method == "slim" else DEFAULT_LAMBDA
+        args.lam = {"slim": DEFAULT_SLIM_LAMBDA, "torch-pruning": tp_peer.DEFAULT_REG}.get(
+            args.method, DEFAULT_LAMBDA)
     if args.keep is None and args.mass is None and args.target is None:
         args.keep = 0.5
     if args.target is not None and args.keep is not None \
@@ -310,6 +320,20 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     if args.cuda_graphs and not args.device.startswith("cuda"):
         raise UsageError("--cuda-graphs needs a CUDA GPU (none is available or --device is cpu)")
     return args
+
+
+def _check_torch_pruning(args) -> None:
+    """--method torch-pruning: the package is there, and no option asks for what it lacks."""
+    try:
+        tp_peer.require()
+    except tp_peer.MissingTorchPruning as e:
+        raise UsageError(str(e)) from None
+    if args.mass is not None or args.target is not None:
+        raise UsageError("--method torch-pruning prunes to a budget: --keep, not --mass or "
+                         "--target")
+    if args.cuda_graphs:
+        raise UsageError("--method torch-pruning cannot run with --cuda-graphs: its regularizer "
+                         "reads the host after every backward")
 
 
 # --------------------------------------------------------------------------- distributed
@@ -555,7 +579,7 @@ class Run:
         self.data = _Data(args, self.dev, d)
         torch.manual_seed(args.seed)
         model = get_model(args.arch, num_classes=len(self.data.classes))
-        self.gated = args.method != "dense"
+        self.gated = args.method not in ("dense", "torch-pruning")
         if self.gated:
             paamify(model, coupling=args.coupling, dim=args.dim, leak=args.leak,
                     normalize=args.normalize, input_size=self.data.input_size,
@@ -565,6 +589,17 @@ class Run:
         if args.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.dense_counts = self._counts()
+        self.dense_widths = {n: m.out_channels for n, m in self.model.named_modules()
+                             if isinstance(m, nn.Conv2d)}
+        self.peer = None
+        if args.method == "torch-pruning":
+            try:
+                self.peer = tp_peer.TorchPruningPeer(
+                    self.model, input_size=self.data.input_size, epochs=args.epochs,
+                    keep=args.keep, select_cost=args.select_cost,
+                    select_epoch=args.select_epoch, reg=args.lam, round_to=args.round_to)
+            except tp_peer.MissingTorchPruning as e:  # a --resume of such a run
+                raise UsageError(str(e)) from None
         if args.method in ("uniform", "random"):  # thinned from the first step, trained as is
             ctrl = controller(self.model)
             alive = (uniform_alive(ctrl.units, ctrl.structure, args.keep, args.select_cost,
@@ -585,6 +620,7 @@ class Run:
             ramp = max(1, round(args.score_warmup * self.steps_per_epoch))
             lambdas = [(lambda step, _f=f, _r=ramp: _f(step) * min(1.0, (step + 1) / _r))
                        if g.get("name") == "paam" else f for g in self.optimizer.param_groups]
+        self._lr_lambdas = lambdas
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambdas)
         self.pruner = None
         if args.method in ("paam", "slim"):
@@ -622,7 +658,26 @@ class Run:
         self.step = TrainStep(self.step_model, self.optimizer, pruner=self.pruner,
                               amp=self.args.amp == "bf16",
                               mode="graph" if self.args.cuda_graphs else "eager",
-                              warmup=11 if self.d.world > 1 else 3)
+                              warmup=11 if self.d.world > 1 else 3,
+                              post_backward=(self.peer.regularize
+                                             if self.peer is not None and self.peer.active
+                                             else None))
+
+    def _after_peer_pruning(self) -> None:
+        """Torch-Pruning replaced the pruned layers' parameters with new, smaller tensors: a
+        new SGD over them, with the same parameter groups and hyperparameters, and the
+        scheduler kept at its step (its state carried over, the learning rates set from it).
+        The momentum buffers start afresh: Torch-Pruning slices weights and gradients, not
+        optimizer state (PAAM's compaction slices them; here that would be code of ours inside
+        the peer's method)."""
+        if self.args.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        sched = self.scheduler.state_dict()
+        self.optimizer = torch.optim.SGD(self._groups(), lr=self.args.lr, momentum=0.9)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambdas)
+        self.scheduler.load_state_dict(sched)
+        for g, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+            g["lr"] = lr
 
     def _groups(self):
         wd = self.args.weight_decay
@@ -651,6 +706,7 @@ class Run:
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "pruner": self.pruner.state_dict() if self.pruner else None,
+            "peer": json.dumps(self.peer.state_dict()) if self.peer else None,
             "plan": json.dumps(plan_of(self.model)) if self.gated else None,
             "compacted": bool(self.gated and controller(self.model).compacted),
             "history": json.dumps(self.history), "score_hist": json.dumps(self.score_hist),
@@ -692,6 +748,11 @@ class Run:
             apply_masks(self.model, alive)
             compact(self.model, self.optimizer)
             assert ctrl.compacted
+        if self.peer is not None and st.get("peer"):
+            was = self.peer.pruned
+            self.peer.load_state_dict(json.loads(st["peer"]))  # replays its pruning history
+            if self.peer.pruned and not was:
+                self._after_peer_pruning()  # an optimizer over the pruned parameters
         self.model.load_state_dict(st["model"])  # masks included (re-applied by a hook)
         self.optimizer.load_state_dict(st["optimizer"])
         self.scheduler.load_state_dict(st["scheduler"])
@@ -754,7 +815,10 @@ class Run:
             self.save_checkpoint(fork.presel_path(self.args.out), last_loss=loss, last_acc=acc,
                                  last_gates=[g.detach().clone() for g in last or []],
                                  last_gate_units=json.dumps(names))
-        events = self.pruner.epoch_end(self.epoch) if self.pruner is not None else []
+        events = (self.pruner.epoch_end(self.epoch) if self.pruner is not None
+                  else self.peer.epoch_end(self.epoch) if self.peer is not None else [])
+        if self.peer is not None and any(e["event"] == "compact" for e in events):
+            self._after_peer_pruning()
         if any(e["event"] in ("select", "compact") for e in events):
             self._wrap()  # new masks or parameters: DDP buckets, compiled code, CUDA graph
         ev_loader = self.data.val if self.data.val is not None else self.data.test
@@ -771,7 +835,8 @@ class Run:
         rec = {"epoch": self.epoch, "loss": loss, "train_acc": acc, **bn,
                "eval_acc": acc_eval, "eval_split": "val" if self.data.val is not None else "test",
                "lr": self.optimizer.param_groups[0]["lr"],
-               "lam": self.pruner.lam if self.pruner else None,
+               "lam": (self.pruner.lam if self.pruner else self.peer.reg if self.peer
+                       else None),
                "epoch_s": time.time() - t0}
         if self.gated:
             now = self._counts()
@@ -782,6 +847,9 @@ class Run:
                 g = torch.cat([v[v > 0] for v in ctrl.unit_gates()]).float().cpu()
                 hist = torch.histc(g, bins=20, min=0.0, max=1.0)
                 self.score_hist.append({"epoch": self.epoch, "hist": hist.tolist()})
+        elif self.peer is not None:
+            rec["kept_fraction"] = self._counts()["params"] / self.dense_counts["params"]
+            rec["per_layer"] = self.peer.widths()
         else:
             rec["kept_fraction"] = 1.0
         rec["events"] = [{k: v for k, v in e.items() if k != "widths"} for e in events]
@@ -818,7 +886,7 @@ class Run:
                           "filters_final": r["filters_final"]} for r in rep.rows]
             text = str(rep)
         else:
-            per_layer = [{"name": n, "filters_dense": m.out_channels,
+            per_layer = [{"name": n, "filters_dense": self.dense_widths.get(n, m.out_channels),
                           "filters_final": m.out_channels}
                          for n, m in self.model.named_modules() if isinstance(m, nn.Conv2d)]
             text = "\n".join(f"{r['name']}: {r['filters_final']}" for r in per_layer)
@@ -841,6 +909,9 @@ class Run:
             "data_sha256": self.data.data_sha256, "n_train": self.data.n_train,
             "split_digest": self.data.digests,
         }
+        if self.peer is not None:
+            # what rebuilds the pruned network: the dense one, then this history replayed
+            rep_json["torch_pruning"] = {"version": tp_peer.version(), **self.peer.state_dict()}
         if self.d.main:
             with open(os.path.join(args.out, "report.json"), "w") as f:
                 json.dump(rep_json, f, indent=2)

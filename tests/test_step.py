@@ -102,3 +102,23 @@ def test_static_step_trains_like_the_plain_step_through_compaction():
             assert rel(sa[k], sb[k]) <= 1e-6, k
         else:
             assert torch.equal(sa[k], sb[k]), k
+
+
+def test_post_backward_sees_the_gradients_before_the_update_in_eager_mode_only():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    w0 = model.weight.detach().clone()
+    seen = []
+
+    def hook():  # what a peer's regularizer does: add to .grad before the update
+        seen.append(model.weight.grad.clone())
+        model.weight.grad.add_(1.0)
+
+    step = TrainStep(model, opt, post_backward=hook)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    step(x, y)
+    assert len(seen) == 1
+    torch.testing.assert_close(model.weight.detach(), w0 - 0.1 * (seen[0] + 1.0))
+    with pytest.raises(ValueError, match="post_backward"):
+        TrainStep(model, opt, mode="static", post_backward=hook)

@@ -1,0 +1,348 @@
+"""Torch-Pruning as a peer method: ``paam-train --method torch-pruning``.
+
+Torch-Pruning (G. Fang et al., "DepGraph: Towards Any Structural Pruning", CVPR 2023;
+https://github.com/VainF/Torch-Pruning, ``pip install torch-pruning==1.6.1``) is what a user
+would most likely pick instead of PAAM.  Its own recipe for sparse learning followed by pruning,
+run in PAAM's one training run:
+
+* epochs 0 .. E_sel-1 (the joint phase): its group-norm sparse learning — a
+  ``GroupNormPruner(reg=λ)`` whose ``regularize(model)`` adds λ·γ·w to every coupled group's
+  gradients after each backward, before the optimizer step, and whose
+  ``update_regularizer()`` runs at every epoch start, as its README's "Sparse Training" section
+  says;
+* at the end of epoch E_sel-1: one global pruning step (``global_pruning=True``: one ranking of
+  all groups' channels by their group L2 norm, ``GroupMagnitudeImportance(p=2)``, the README's
+  criterion), the final classifier in ``ignored_layers``, sized to the run's budget (below);
+* then the pruned network trains to the end like every other method, with no regularizer.
+
+How the budget is met.  Torch-Pruning's ``pruning_ratio`` is a fraction of *channels*, not of
+parameters or MACs.  With global pruning it removes the ``n = N - int(N·(1 - ratio))`` channels
+of lowest importance among all N channels of all groups (ties at the threshold go too; a group
+that would lose every channel is left whole by its ``check_pruning_group``).  So the ratio is
+searched: the number of kept channels k is set through ``ratio = 1 - (k + 0.5)/N`` (which makes
+``int(N·(1 - ratio)) = k`` exactly), each candidate is pruned on a deep copy of the model with a
+fresh pruner, and the copy's parameters (or MACs, ``select_cost="flops"``) are counted with
+:func:`paam_fast.count` — the count every method's report uses.  A scan of k = N·(15/16, 14/16,
+...) finds the first k within the budget, then bisection over the integers finds the *largest k
+whose counted cost is ≤ floor(keep · dense cost)* (the budget PAAM's selection uses too).  One
+channel more is over the budget; the event records both costs, so the gap (one channel's worth,
+or a tie or a ``round_to`` step) is visible.  The winning copy's Torch-Pruning *pruning history*
+(root layer name, in/out, channel indices per group pruned) is then replayed on the real model,
+whose counted cost is checked to equal the copy's.
+
+Resume.  Checkpoints are loaded with ``weights_only=True``, so a pruned model object cannot be
+pickled into them.  The pruning history is plain JSON: :meth:`state_dict` stores it, and
+:meth:`load_state_dict` replays it (``DependencyGraph.load_pruning_history``) on the freshly
+built dense model before its state is loaded, which rebuilds the pruned architecture exactly.
+
+CIFAR ResNets' option-A shortcut (:class:`paam_fast.models.PadShortcut`: subsample, zero-pad
+channels) is opaque to Torch-Pruning's tracer, which takes its ``F.pad`` for an element-wise op
+and couples the 16- and 32-channel stages into one broken group.  Before tracing, each one is
+replaced by :class:`ScatterShortcut` (the same function, as "input channel src[i] goes to output
+channel dst[i], the rest are zero"), registered with Torch-Pruning through a customized pruner
+that keeps the map consistent when either side is pruned.  So the stage channels (the residual
+groups) are pruned too, as Torch-Pruning does on any ResNet.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from importlib import metadata
+
+import torch
+from torch import nn
+
+from ..count import count
+from ..models import PadShortcut
+
+__all__ = ["DEFAULT_REG", "INSTALL", "MissingTorchPruning", "ScatterShortcut",
+           "TorchPruningPeer", "require"]
+
+INSTALL = "pip install torch-pruning==1.6.1"
+# Torch-Pruning 1.6.1's default reg for group-norm sparse learning: ``reg=1e-4`` in
+# ``GroupNormPruner.__init__`` (torch_pruning/pruner/algorithms/group_norm_pruner.py; the
+# docstring there says 1e-5, the signature — what a user gets — says 1e-4).
+DEFAULT_REG = 1e-4
+
+
+class MissingTorchPruning(ImportError):
+    """torch_pruning is not installed; the message says what to install."""
+
+
+def require():
+    """The ``torch_pruning`` module, or :class:`MissingTorchPruning`."""
+    try:
+        import torch_pruning as tp
+    except ImportError as e:
+        raise MissingTorchPruning(f"--method torch-pruning needs: {INSTALL}") from e
+    return tp
+
+
+def version() -> str:
+    try:
+        return metadata.version("torch-pruning")
+    except metadata.PackageNotFoundError:  # an unpackaged checkout
+        return getattr(require(), "__version__", "unknown")
+
+
+# --------------------------------------------------------------------------- option-A shortcut
+class ScatterShortcut(nn.Module):
+    """A parameter-free shortcut: subsample by 2, then input channel ``src[i]`` becomes output
+    channel ``dst[i]``, every other output channel is zero.  With ``src = 0..C-1`` and
+    ``dst = pad..pad+C-1`` it is :class:`PadShortcut`; pruning either side edits the map.
+    (N, in_channels, H, W) -> (N, out_channels, ⌈H/2⌉, ⌈W/2⌉)."""
+
+    def __init__(self, in_channels: int, pad: int) -> None:
+        super().__init__()
+        self.in_channels, self.out_channels = in_channels, in_channels + 2 * pad
+        self.register_buffer("src", torch.arange(in_channels))
+        self.register_buffer("dst", torch.arange(in_channels) + pad)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, :, ::2, ::2].index_select(1, self.src)
+        y = x.new_zeros(x.shape[0], self.out_channels, *x.shape[2:])
+        return y.index_copy(1, self.dst, x)
+
+
+def _drop(keep_of: torch.Tensor, other: torch.Tensor, idxs) -> tuple[torch.Tensor, torch.Tensor,
+                                                                     int]:
+    """Remove channels ``idxs`` from the side whose indices are ``keep_of``: pairs that read or
+    write a removed channel go, the remaining indices are renumbered."""
+    gone = torch.tensor(sorted({int(i) for i in idxs}), dtype=torch.long, device=keep_of.device)
+    keep = ~torch.isin(keep_of, gone)
+    kept = keep_of[keep]
+    return kept - torch.searchsorted(gone, kept), other[keep], len(gone)
+
+
+def _scatter_pruner(tp):
+    """Torch-Pruning's pruning functions for :class:`ScatterShortcut`: the two sides are
+    independent (different prune_in/prune_out: no intra-layer dependency, like a conv)."""
+
+    class ScatterShortcutPruner(tp.pruner.function.BasePruningFunc):
+        TARGET_MODULES = ScatterShortcut
+
+        def prune_out_channels(self, layer, idxs):
+            layer.dst, layer.src, n = _drop(layer.dst, layer.src, idxs)
+            layer.out_channels -= n
+            return layer
+
+        def prune_in_channels(self, layer, idxs):
+            layer.src, layer.dst, n = _drop(layer.src, layer.dst, idxs)
+            layer.in_channels -= n
+            return layer
+
+        def get_out_channels(self, layer):
+            return layer.out_channels
+
+        def get_in_channels(self, layer):
+            return layer.in_channels
+
+    return ScatterShortcutPruner()
+
+
+def replace_pad_shortcuts(model: nn.Module, example: torch.Tensor) -> int:
+    """Replace every :class:`PadShortcut` of ``model`` by the equal :class:`ScatterShortcut`
+    (input widths read from one forward of ``example``); returns how many."""
+    found: dict[str, int] = {}
+    names = {m: n for n, m in model.named_modules() if isinstance(m, PadShortcut)}
+    if not names:
+        return 0
+    hooks = [m.register_forward_pre_hook(lambda m, a: found.__setitem__(names[m], a[0].shape[1]))
+             for m in names]
+    was_training = model.training
+    model.eval()  # BN running statistics must not move
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    for m, name in names.items():
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        new = ScatterShortcut(found[name], m.pad).to(example.device)
+        setattr(parent, attr, new)
+    return len(names)
+
+
+def _classifier(model: nn.Module) -> str:
+    """The name of the final classifier: the last nn.Linear (resnet fc, vgg / mobilenet
+    classifier[-1]), kept whole as Torch-Pruning's README asks."""
+    last = None
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            last = name
+    if last is None:
+        raise ValueError("torch-pruning: the model has no nn.Linear classifier to keep whole")
+    return last
+
+
+# --------------------------------------------------------------------------- the peer
+class TorchPruningPeer:
+    """Torch-Pruning's group-norm sparse learning and one global pruning step, with the hooks
+    ``paam-train`` calls: :meth:`regularize` after each backward, :meth:`epoch_end` after each
+    epoch (prunes at E_sel and returns events like :meth:`paam_fast.Pruner.epoch_end`),
+    :meth:`state_dict` / :meth:`load_state_dict` for checkpoints.
+
+    Args:
+        model: a plain (not paamified) model, on its device; its PadShortcuts are replaced.
+        input_size: (1, C, H, W), for tracing and for :func:`paam_fast.count`.
+        epochs: total epochs; select_epoch: E_sel (default 30% of ``epochs``, as PAAM's).
+        keep: fraction (0, 1] of the dense model's ``select_cost`` to keep.
+        select_cost: "params" or "flops" (MACs), counted by :func:`paam_fast.count`.
+        reg: λ, GroupNormPruner's ``reg``.
+        round_to: GroupNormPruner's ``round_to`` (1: none).
+    """
+
+    def __init__(self, model: nn.Module, *, input_size: tuple[int, ...], epochs: int,
+                 keep: float, select_cost: str = "params", select_epoch: int | None = None,
+                 reg: float = DEFAULT_REG, round_to: int = 1) -> None:
+        self.tp = require()
+        if select_cost not in ("params", "flops"):
+            raise ValueError(f"select_cost must be 'params' or 'flops', got {select_cost!r}")
+        if not (0 < keep <= 1):
+            raise ValueError(f"keep must be a fraction in (0, 1], got {keep!r}")
+        self.model, self.input_size = model, tuple(input_size)
+        self.keep, self.select_cost, self.reg = float(keep), select_cost, float(reg)
+        self.round_to = round_to
+        self.select_epoch = max(1, round(0.3 * epochs)) if select_epoch is None else select_epoch
+        if not (1 <= self.select_epoch <= epochs):
+            raise ValueError(f"select_epoch must be in [1, {epochs}], got {self.select_epoch}")
+        p = next(model.parameters())
+        self._example = torch.zeros(self.input_size, dtype=p.dtype, device=p.device)
+        self.dense = count(model, self.input_size)
+        self.classifier = _classifier(model)
+        self.shortcuts = replace_pad_shortcuts(model, self._example)
+        self.pruner = self._make_pruner(model, pruning_ratio=0.0)  # the regularizer; its DG
+        self.channels = int(self.pruner.initial_total_channels)  # N, all groups' channels
+        self.pruned = False
+        self.history: list = []
+        self.search: dict | None = None
+
+    def _make_pruner(self, model: nn.Module, pruning_ratio: float):
+        tp = self.tp
+        was_training = model.training
+        model.eval()  # tracing runs a forward: BN running statistics must not move
+        try:
+            with torch.enable_grad():  # Torch-Pruning traces the autograd graph
+                return tp.pruner.GroupNormPruner(
+                    model, self._example, importance=tp.importance.GroupMagnitudeImportance(p=2),
+                    reg=self.reg, global_pruning=True, pruning_ratio=pruning_ratio,
+                    ignored_layers=[model.get_submodule(self.classifier)],
+                    round_to=self.round_to if self.round_to > 1 else None,
+                    customized_pruners={ScatterShortcut: _scatter_pruner(tp)})
+        finally:
+            model.train(was_training)
+
+    # ------------------------------------------------------------------ per step / epoch
+    @property
+    def active(self) -> bool:
+        """True while the sparse-learning regularizer runs (before the pruning step)."""
+        return not self.pruned
+
+    def regularize(self, model: nn.Module | None = None) -> None:
+        """Call after ``loss.backward()``, before ``optimizer.step()``: Torch-Pruning adds its
+        group-norm regularizer's gradient (λ·γ·w per coupled group) to ``.grad``.  ``model``
+        is accepted for the library's signature; the pruner acts on the model it traced."""
+        if not self.pruned:
+            self.pruner.regularize(self.model)
+
+    def epoch_end(self, epoch: int) -> list[dict]:
+        """Call after epoch ``epoch`` (0-based).  At the end of epoch E_sel-1 the global pruning
+        step runs and one event {"event": "compact", ...} comes back (or {"event": "select"} if
+        the budget is the dense model); before it, the regularizer's groups are refreshed for
+        the next epoch (``update_regularizer``, per its README)."""
+        if self.pruned:
+            return []
+        if epoch + 1 < self.select_epoch:
+            self.pruner.update_regularizer()
+            return []
+        return [self._prune(epoch)]
+
+    # ------------------------------------------------------------------ the pruning step
+    def _trial(self, kept: int) -> tuple[list, dict[str, int]]:
+        """Prune a copy of the model globally down to ``kept`` of the N channels; its pruning
+        history and counts."""
+        ratio = 1.0 - (kept + 0.5) / self.channels  # int(N·(1 - ratio)) == kept exactly
+        m = copy.deepcopy(self.model)
+        for q in m.parameters():
+            q.grad = None
+        pr = self._make_pruner(m, pruning_ratio=ratio)
+        pr.step()
+        return json.loads(json.dumps(pr.pruning_history())), count(m, self.input_size)
+
+    def _prune(self, epoch: int) -> dict:
+        key = self.select_cost
+        budget = int(self.keep * self.dense[key])  # floor, as PAAM's budget selection
+        if budget >= self.dense[key]:
+            self.pruned = True
+            self.search = {"budget": budget, "kept_channels": self.channels, "trials": 0}
+            return {"epoch": epoch, "event": "select", "params": self.dense["params"],
+                    "flops": self.dense["flops"], "note": "the budget is the dense model"}
+        trials: dict[int, tuple[list, dict[str, int]]] = {}
+
+        def cost(k: int) -> int:
+            if k not in trials:
+                trials[k] = self._trial(k)
+            return trials[k][1][key]
+
+        n = self.channels
+        hi, lo = n, None  # cost(hi) > budget; cost(lo) <= budget
+        for j in range(1, 16):
+            k = max(1, round(n * (16 - j) / 16))
+            if cost(k) <= budget:
+                lo = k
+                break
+            hi = k
+        if lo is None:
+            best = min(trials.items(), key=lambda kv: kv[1][1][key])
+            raise ValueError(
+                f"torch-pruning: its global pruning step cannot reach --keep {self.keep} of the "
+                f"{key} ({budget:,}); the least it reached is {best[1][1][key]:,} keeping "
+                f"{best[0]} of {n} channels")
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if cost(mid) <= budget:
+                lo = mid
+            else:
+                hi = mid
+        history, counts = trials[lo]
+        self._apply(history)
+        now = count(self.model, self.input_size)
+        if now != counts:  # the replay must build what was counted
+            raise RuntimeError(f"torch-pruning: the replayed pruning counts {now}, its trial "
+                               f"{counts}")
+        self.search = {"budget": budget, "select_cost": key, "kept_channels": lo,
+                       "channels": n, "pruning_ratio": 1.0 - (lo + 0.5) / n,
+                       "cost": counts[key], "cost_one_channel_more": cost(hi),
+                       "trials": len(trials)}
+        return {"epoch": epoch, "event": "compact", "method": "torch-pruning",
+                **counts, **self.search, "widths": self.widths()}
+
+    def _apply(self, history: list) -> None:
+        self.pruner.load_pruning_history(copy.deepcopy(history))
+        self.history = history
+        self.pruned = True
+
+    def widths(self) -> dict[str, int]:
+        """Output channels of every conv, by module name."""
+        return {n: m.out_channels for n, m in self.model.named_modules()
+                if isinstance(m, nn.Conv2d)}
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """JSON-serialisable: whether the pruning step ran, its Torch-Pruning pruning history
+        and the search's figures."""
+        return {"pruned": self.pruned, "history": self.history, "search": self.search,
+                "reg": self.reg}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore after :meth:`state_dict`; on a dense model, a pruned state's history is
+        replayed first, so the model's own ``load_state_dict`` finds the pruned shapes."""
+        if state["pruned"] and not self.pruned:
+            self._apply(state["history"])
+        self.pruned = bool(state["pruned"])
+        self.history = state["history"]
+        self.search = state["search"]
