@@ -13,11 +13,12 @@ from .result import check_keep
 
 
 def uniform_widths(units: list[Space], structure: Structure, keep: float, cost: str = "params",
-                   round_to: int = 1) -> dict[int, int]:
+                   round_to: int = 1, latency=None) -> dict[int, int]:
     """Widths (space id -> channels) with every unit at its first ⌈r·F⌉ filters (rounded up to
-    ``round_to``), r the largest fraction that fits ``keep`` × the dense ``cost``."""
+    ``round_to``), r the largest fraction that fits ``keep`` × the dense ``cost`` (``latency``:
+    the table, for ``cost="latency"``)."""
     check_keep(keep)
-    total = cost_model(structure, cost).total
+    total = cost_model(structure, cost, latency).total
     dense_w = structure.widths()
     budget = keep * total(dense_w)
 
@@ -40,10 +41,10 @@ def uniform_widths(units: list[Space], structure: Structure, keep: float, cost: 
 
 
 def uniform_alive(units: list[Space], structure: Structure, keep: float, cost: str = "params",
-                  round_to: int = 1) -> dict[str, torch.Tensor]:
+                  round_to: int = 1, latency=None) -> dict[str, torch.Tensor]:
     """The `uniform` baseline as masks: {unit name: (F,) bool}, the first filters of every
     group kept."""
-    w = uniform_widths(units, structure, keep, cost, round_to)
+    w = uniform_widths(units, structure, keep, cost, round_to, latency)
     out = {}
     for u in units:
         gm = getattr(u, "groups", 1)
