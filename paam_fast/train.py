@@ -149,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
       "of this model on this device, instead of measuring one at the start")
     a("--latency-batch", type=int, default=1, help="the batch size the latency table is "
       "measured at (the inference batch a latency budget is for)")
+    a("--latency-fit", default="rest", choices=["rest", "scale"], help="how a measured latency "
+      "table turns its layers into the network's latency: rest = dense minus the layers' sum is "
+      "fixed; scale = fixed and a scale fitted to the dense and half-width networks (ours; "
+      "paam_fast.latency)")
     a("--select-key", default="gate", choices=["gate", "unit_mean"],
       help="what selection ranks filters by (ours): gate = g; unit_mean = g / its unit's mean g "
            "(comparable across units of different widths)")
@@ -634,7 +638,8 @@ class Run:
             table = latency_table(self.model, self.data.input_size, batch=args.latency_batch,
                                   device=self.dev,
                                   dtype=torch.bfloat16 if args.amp == "bf16" else torch.float32,
-                                  channels_last=args.channels_last, progress=not args.quiet)
+                                  channels_last=args.channels_last, progress=not args.quiet,
+                                  fit=args.latency_fit)
             table.save(path)
             if not args.quiet:
                 print(table.describe(), flush=True)

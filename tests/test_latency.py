@@ -111,11 +111,15 @@ def test_a_measured_table_grows_with_width_along_its_grid():
     assert table.predict(ctrl.structure, w) < 0.9 * table.dense_ms
 
 
-@pytest.mark.parametrize("keep", [0.3, 0.55, 0.8])
+@pytest.mark.parametrize("keep", [0.35, 0.55, 0.8])
 @pytest.mark.parametrize("round_to", [1, 8])
-def test_selection_never_exceeds_a_latency_budget(keep, round_to):
+@pytest.mark.parametrize("scale", [1.0, 1.3])
+def test_selection_never_exceeds_a_latency_budget(keep, round_to, scale):
     model, table = _resnet20()
     ctrl = controller(model)
+    if scale != 1.0:  # what fit="scale" fits: fixed + scale · Σ layers
+        table.scale, table.fixed_ms = scale, 0.01 * table.dense_ms
+        table.dense_ms = table.predict(ctrl.structure)
     alive = [torch.ones(u.width, dtype=torch.bool) for u in ctrl.units]
     sel = choose(ctrl.units, _gates(ctrl), alive, ctrl.structure, ctrl.widths(), keep=keep,
                  cost="latency", latency=table, round_to=round_to)
@@ -210,8 +214,12 @@ def test_save_load_round_trip_and_a_foreign_table_is_refused(tmp_path):
         LatencyTable.load(bad)
 
 
-def test_a_compacted_model_is_refused():
+def test_a_compacted_model_and_bad_options_are_refused():
     model, table = _resnet20()
+    with pytest.raises(ValueError, match="fit="):
+        latency_table(model, fit="scale", check=False)
+    with pytest.raises(ValueError, match="grid"):
+        latency_table(model, grid=1, timer=macs_timer)
     model(torch.randn(2, 3, 32, 32))
     pf.select(model, keep=0.5)
     pf.compact(model)
@@ -280,3 +288,20 @@ def test_bad_latency_options_exit_2(tmp_path, capsys, argv, msg):
     assert main(argv + ["--out", str(out), "--epochs", "1", "--quiet"]) == 2
     assert msg in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_the_latency_benchmark_runs_side_by_side(tmp_path, monkeypatch):
+    from paam_fast.bench import latency as bench
+
+    monkeypatch.setenv("PAAM_BENCH_OUT", str(tmp_path))
+    torch.set_num_threads(1)
+    res = bench.main(["--arch", "resnet20", "--size", "32", "--num-classes", "10", "--batch",
+                      "8", "--keeps", "0.8", "--grid", "3", "--repeats", "2", "--rounds", "3",
+                      "--match-iters", "0", "--fit", "scale"])
+    assert set(res["rows"]) == {"dense", "paam@0.8", "uniform@0.8"}
+    paam = res["rows"]["paam@0.8"]
+    assert paam["predicted_ms"] <= 0.8 * res["rows"]["dense"]["predicted_ms"] * (1 + 1e-9)
+    assert paam["measured_ms"] > 0 and paam["params"] < res["rows"]["dense"]["params"]
+    assert res["table"]["fit"] in ("scale", "rest") and "half" in res["table"]["check"]
+    assert os.path.exists(tmp_path / "latency_resnet20_b8_internal_wall_"
+                          f"{res['table']['fit']}.json")

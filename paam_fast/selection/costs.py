@@ -46,8 +46,9 @@ class StructureCost:
 @dataclass
 class LatencyCost:
     """Predicted latency in ms (a :class:`~paam_fast.latency.LatencyTable`): ``total(w)`` is the
-    table's fixed rest plus every timed layer at ``w``; ``local(space_id)`` sums the timed
-    layers that read or write that space (the fixed rest never changes with a width)."""
+    table's fixed rest plus every timed layer at ``w`` (times the table's ``scale``);
+    ``local(space_id)`` sums the timed layers that read or write that space (the fixed rest
+    never changes with a width)."""
 
     structure: Structure
     table: LatencyTable
@@ -61,13 +62,13 @@ class LatencyCost:
         return "latency"
 
     def total(self, w: Widths) -> float:
-        return self.table.fixed_ms + sum(b.ms(w) for b in self._layers)
+        return self.table.fixed_ms + self.table.scale * sum(b.ms(w) for b in self._layers)
 
     def local(self, space_id: int) -> Callable[[Widths], float]:
         if space_id not in self._touching:
             self._touching[space_id] = [b for b in self._layers if b.cost.touches(space_id)]
-        touching = self._touching[space_id]
-        return lambda w: sum(b.ms(w) for b in touching)
+        touching, scale = self._touching[space_id], self.table.scale
+        return lambda w: scale * sum(b.ms(w) for b in touching)
 
 
 COSTS = ("params", "flops", "latency")
