@@ -36,8 +36,10 @@ def _budget(keep: float, dense_total: int | float) -> int | float:
     return keep * dense_total
 
 
-def _amount(x: int | float, cost: str) -> str:
-    return f"{x:.4g} ms" if cost == "latency" else f"{x:,} {cost}"
+def _amount(x: int | float, cost: str, unit: bool = True) -> str:
+    if cost == "latency":
+        return f"{x:.4g} ms"
+    return f"{x:,} {cost}" if unit else f"{x:,}"
 
 
 def _start_at_floors(units, keep, cost, min_keep, round_to, model, structure, width, floors,
@@ -50,13 +52,14 @@ def _start_at_floors(units, keep, cost, min_keep, round_to, model, structure, wi
         w[u.id] = 0
     if model.total(w) > budget:
         raise ValueError(f"keep={keep} asks for {_amount(budget, cost)} but the parts no "
-                         f"selection can remove need {_amount(model.total(w), cost)} of the "
-                         f"dense {_amount(dense_total, cost)}")
+                         f"selection can remove need {_amount(model.total(w), cost, False)} of "
+                         f"the dense {_amount(dense_total, cost, False)}")
     for i, u in enumerate(units):
         w[u.id] = width(i, floors[i])
     if model.total(w) > budget:
+        need = _amount(model.total(w), cost, False)
         raise ValueError(f"keep={keep} asks for {_amount(budget, cost)} but min_keep={min_keep} "
-                         f"(round_to={round_to}) alone needs {_amount(model.total(w), cost)}")
+                         f"(round_to={round_to}) alone needs {need}")
     return budget
 
 
