@@ -194,6 +194,15 @@ class LatencyTable:
         w = structure.widths() if widths is None else widths
         return self.fixed_ms + self.scale * sum(b.ms(w) for b in self.bind(structure))
 
+    def refit(self, fit: str) -> LatencyTable:
+        """A copy whose fixed rest and scale are fitted as ``fit`` says ("rest" or "scale"),
+        from the measurements this table holds (the dense network and, for "scale", the
+        half-width one); its check's predictions follow.  The layers' grids are shared."""
+        t = copy.copy(self)
+        t.meta, t.check, t._bound = dict(self.meta), copy.deepcopy(self.check), {}
+        _apply_fit(t, fit)
+        return t
+
     # ---- files
     def to_json(self) -> dict:
         return {"format": FORMAT, **self.meta, "dense_ms": self.dense_ms,
@@ -477,6 +486,35 @@ def _fraction_alive(units, frac: float) -> dict[str, torch.Tensor]:
 FITS = ("rest", "scale")
 
 
+def _apply_fit(table: LatencyTable, fit: str) -> None:
+    """Set ``fixed_ms`` and ``scale`` from the dense measurement (and, for "scale", the
+    half-width one), and the check's predictions."""
+    if fit not in FITS:
+        raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
+    dense_sum = table.meta["layers_dense_ms"]
+    table.scale, table.fixed_ms = 1.0, table.dense_ms - dense_sum
+    table.meta["fit"] = fit
+    table.meta.pop("fit_refused", None)
+    if fit == "scale":
+        half = (table.check or {}).get("half")
+        if half is None:
+            raise ValueError("fit='scale' needs the half-width network's measurement "
+                             "(latency_table(..., check=True))")
+        ds = dense_sum - half["layers_ms"]
+        scale = (table.dense_ms - half["measured_ms"]) / ds if ds > 0 else math.nan
+        if 0.5 <= scale <= 2:
+            table.scale = scale
+            table.fixed_ms = table.dense_ms - scale * dense_sum
+        else:  # a measurement too noisy to fit: keep the plain rest, and say so
+            table.meta["fit"] = "rest"
+            table.meta["fit_refused"] = f"fitted scale {scale:.3f} outside [0.5, 2]"
+    for name, c in (table.check or {}).items():
+        if isinstance(c, dict):
+            c["predicted_ms"] = table.fixed_ms + table.scale * c["layers_ms"]
+            c["error"] = c["measured_ms"] / c["predicted_ms"] - 1
+            c["fitted"] = table.meta["fit"] == "scale" and name == "half"
+
+
 def latency_table(model: nn.Module, input_size: Sequence[int] | None = None, batch: int = 1,
                   device="cpu", dtype: torch.dtype = torch.float32, channels_last: bool = False,
                   grid: int | Sequence[float] = 8, repeats: int = 5, warmup: int = 2,
@@ -592,12 +630,13 @@ def latency_table(model: nn.Module, input_size: Sequence[int] | None = None, bat
             "threads": torch.get_num_threads(), "fingerprint": fingerprint(structure),
             "model": type(model).__name__, "coupling": controller(work).coupling,
             "grid": grid if isinstance(grid, int) else list(grid), "repeats": repeats,
-            "warmup": warmup, "clock": clock, "fit": fit, "points": n_points,
+            "warmup": warmup, "clock": clock, "fit": "rest", "points": n_points,
             "measure_s": round(table_s, 1),
             "date": time.strftime("%Y-%m-%d %H:%M:%S"),
             "measured": timer is None}
     table = LatencyTable(meta, grids, layers, dense_ms=0.0, fixed_ms=0.0)
     dense_sum = table.predict(structure)
+    table.meta["layers_dense_ms"] = dense_sum
     if timer is not None:
         table.dense_ms = dense_sum
         return table
@@ -612,23 +651,11 @@ def latency_table(model: nn.Module, input_size: Sequence[int] | None = None, bat
     got = compare_ms(fns, device=device, warmup=warmup, rounds=max(2 * repeats + 1, 7),
                      clock=clock)
     table.dense_ms = got["dense"]["median_ms"]
-    table.fixed_ms = table.dense_ms - dense_sum
-    if fit == "scale":
-        ds = dense_sum - sums["half"]
-        scale = (table.dense_ms - got["half"]["median_ms"]) / ds if ds > 0 else math.nan
-        if 0.5 <= scale <= 2:
-            table.scale = scale
-            table.fixed_ms = table.dense_ms - scale * dense_sum
-        else:  # a measurement too noisy to fit: keep the plain rest, and say so
-            table.meta["fit"] = "rest"
-            table.meta["fit_refused"] = f"fitted scale {scale:.3f} outside [0.5, 2]"
     if check:
         table.check = {"dense_p20_p80_ms": [got["dense"]["p20_ms"], got["dense"]["p80_ms"]]}
         for name in ("half", "three_quarter"):
-            pred = table.fixed_ms + table.scale * sums[name]
-            meas = got[name]["median_ms"]
-            table.check[name] = {"predicted_ms": pred, "measured_ms": meas,
-                                 "error": meas / pred - 1,
-                                 "fitted": fit == "scale" and name == "half"}
+            table.check[name] = {"layers_ms": sums[name], "measured_ms": got[name]["median_ms"],
+                                 "p20_p80_ms": [got[name]["p20_ms"], got[name]["p80_ms"]]}
+    _apply_fit(table, fit)
     table.meta["measure_s"] = round(time.time() - t0, 1)
     return table

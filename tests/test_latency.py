@@ -184,6 +184,28 @@ def test_pruner_selects_at_a_latency_budget_with_a_latency_penalty():
     assert predict_ms(model, table) == pytest.approx(sel["latency_ms"])
 
 
+def test_refit_fits_the_rest_and_the_scale_to_the_measured_networks():
+    model, table = _resnet20()
+    ctrl = controller(model)
+    s_dense = table.meta["layers_dense_ms"]
+    # as if measured: dense = layers + 10 ms; the half-width network's layers sum to 40% of the
+    # dense ones and it measured 10 + 0.8·(that) ms: the "fixed" part shrank with the widths
+    table.dense_ms = s_dense + 10
+    table.check = {"half": {"layers_ms": 0.4 * s_dense, "measured_ms": 10 + 0.2 * s_dense}}
+    rest = table.refit("rest")
+    assert rest.scale == 1 and rest.fixed_ms == pytest.approx(10)
+    assert rest.check["half"]["error"] < 0  # the plain rest over-predicts it
+    scaled = table.refit("scale")
+    # (dense − half, measured) / (dense − half, layers) = 0.8·S / 0.6·S
+    assert scaled.scale == pytest.approx(0.8 / 0.6)
+    assert scaled.predict(ctrl.structure) == pytest.approx(table.dense_ms)
+    assert scaled.check["half"]["error"] == pytest.approx(0) and scaled.check["half"]["fitted"]
+    assert table.meta["fit"] == "rest" and table.scale == 1.0  # the original is untouched
+    table.check["half"]["measured_ms"] = table.dense_ms * 3  # nonsense: refused, plain rest
+    bad = table.refit("scale")
+    assert bad.meta["fit"] == "rest" and "fit_refused" in bad.meta
+
+
 def test_save_load_round_trip_and_a_foreign_table_is_refused(tmp_path):
     model, table = _resnet20()
     ctrl = controller(model)

@@ -145,8 +145,18 @@ def main(argv=None) -> dict:
     got = measure_like(table, models, dev, rounds=a.rounds)
     clock = table.meta.get("clock", "wall")
     d = got["dense"]["median_ms"]
+    # the same networks predicted by the other fit of the same measurements
+    other = "scale" if table.meta.get("fit") == "rest" else "rest"
+    alt = table.refit(other) if table.check and "half" in table.check else None
     for name, row in rows.items():
         g = got[name]
+        if alt is not None:
+            layers = (row["predicted_ms"] - table.fixed_ms) / table.scale
+            p_alt = alt.fixed_ms + alt.scale * layers
+            row[f"predicted_ms_{alt.meta['fit']}"] = p_alt
+            row[f"error_{alt.meta['fit']}"] = g["median_ms"] / p_alt - 1
+            row[f"error_vs_dense_{alt.meta['fit']}"] = \
+                (g["median_ms"] / d) / (p_alt / alt.dense_ms) - 1
         row.update(measured_ms=g["median_ms"], p20_ms=g["p20_ms"], p80_ms=g["p80_ms"],
                    error=g["median_ms"] / row["predicted_ms"] - 1,
                    ratio_to_dense_measured=g["median_ms"] / d,
@@ -156,19 +166,23 @@ def main(argv=None) -> dict:
                    error_vs_dense=(g["median_ms"] / d) / (row["predicted_ms"] / table.dense_ms)
                    - 1,
                    **pf.count(models[name], size))
+    fit = table.meta.get("fit", "rest")
+    alt_fit = alt.meta["fit"] if alt is not None else None
     print(f"{'network':>14s} {'budget':>7s} {'predicted':>10s} {'measured':>10s} {'error':>7s} "
-          f"{'÷dense':>7s} {'÷dense err':>10s} {'params':>11s} {'MACs':>14s}")
+          f"{'÷dense':>7s} {'÷dense err':>10s} {'params':>11s} {'MACs':>14s}"
+          + (f"   [fit {alt_fit}: predicted, error, ÷dense err]" if alt_fit else ""))
     for name, r in rows.items():
         print(f"{name:>14s} {r['keep']:7.3f} {r['predicted_ms']:8.2f}ms {r['measured_ms']:8.2f}ms "
               f"{r['error']:+7.1%} {r['ratio_to_dense_measured']:7.3f} "
-              f"{r['error_vs_dense']:+10.1%} {r['params']:11,} {r['flops']:14,}")
+              f"{r['error_vs_dense']:+10.1%} {r['params']:11,} {r['flops']:14,}"
+              + (f"   {r[f'predicted_ms_{alt_fit}']:8.2f}ms {r[f'error_{alt_fit}']:+7.1%} "
+                 f"{r[f'error_vs_dense_{alt_fit}']:+7.1%}" if alt_fit else ""))
     res = {"arch": a.arch, "size": a.size, "batch": a.batch, "device_kind": dev,
            "threads": torch.get_num_threads(), "round_to": a.round_to,
            "loadavg": os.getloadavg(), "table": {k: v for k, v in table.to_json().items()
                                                   if k not in ("grids", "layers")},
            "table_s": table_s, "coupling": a.coupling, "clock": clock, "skipped": skipped,
            "rows": rows}
-    fit = table.meta.get("fit", "rest")
     print("wrote", write_json(f"latency_{a.arch}_b{a.batch}_{a.coupling}_{clock}_{fit}", res))
     return res
 
