@@ -495,6 +495,13 @@ def _apply_fit(table: LatencyTable, fit: str) -> None:
     table.scale, table.fixed_ms = 1.0, table.dense_ms - dense_sum
     table.meta["fit"] = fit
     table.meta.pop("fit_refused", None)
+    table.meta.pop("warning", None)
+    if table.fixed_ms < 0:  # isolated layers cannot take longer than the network they are in
+        table.meta["warning"] = (
+            f"the timed layers sum to more than the measured dense network ({dense_sum:.3f} > "
+            f"{table.dense_ms:.3f} ms): measurement noise (a machine busy with other work? "
+            "clock='cpu' counts only this process's time, on one CPU thread); do not trust "
+            "this table's predictions")
     if fit == "scale":
         half = (table.check or {}).get("half")
         if half is None:
@@ -658,4 +665,8 @@ def latency_table(model: nn.Module, input_size: Sequence[int] | None = None, bat
                                  "p20_p80_ms": [got[name]["p20_ms"], got[name]["p80_ms"]]}
     _apply_fit(table, fit)
     table.meta["measure_s"] = round(time.time() - t0, 1)
+    if "warning" in table.meta:
+        import warnings
+
+        warnings.warn(table.meta["warning"], stacklevel=2)
     return table

@@ -204,6 +204,8 @@ def test_refit_fits_the_rest_and_the_scale_to_the_measured_networks():
     table.check["half"]["measured_ms"] = table.dense_ms * 3  # nonsense: refused, plain rest
     bad = table.refit("scale")
     assert bad.meta["fit"] == "rest" and "fit_refused" in bad.meta
+    table.dense_ms = 0.5 * s_dense  # the layers alone took longer than the whole network
+    assert "noise" in table.refit("rest").meta["warning"]
 
 
 def test_save_load_round_trip_and_a_foreign_table_is_refused(tmp_path):

@@ -95,6 +95,8 @@ def main(argv=None) -> dict:
             table.save(a.save_table)
     table_s = time.time() - t0
     print(table.describe(), f"({table_s:.0f} s)" if not a.table else "(read)")
+    if "warning" in table.meta:
+        print("WARNING:", table.meta["warning"])
     for name, c in (table.check or {}).items():
         if isinstance(c, dict):
             print(f"table check, every unit at {name.replace('_', '-')} width"
