@@ -18,9 +18,10 @@ adds, pooling, ungated layers, the framework's overhead).
 What the prediction leaves out: layers timed alone do not share caches with their neighbours as
 they do inside the network, and width-dependent work outside the timed blocks (a residual add of
 a grouped unit, an activation that does not directly follow its layer) sits in ``fixed`` at its
-dense cost.  Measured on a CPU (ResNet50, batch 1, one thread), the "fixed" rest does shrink
-with the widths (its activations stay in cache more often): the rest of the half-width network
-is ~30% below the dense one's, so ``fit="rest"`` over-predicts thinned networks by 10-17%.
+dense cost.  One in-network profile on a CPU (ResNet50, batch 1, one thread, a machine busy
+with other work) found the "fixed" rest of the half-width network ~30% below the dense one's
+(activations staying in cache more often), so that ``fit="rest"`` over-predicted it by ~10%;
+other tables on the same machine predicted it within 1%: the noise there did not settle it.
 ``fit="scale"`` (ours) fits ``fixed`` and ``scale`` to two measured networks instead, the dense
 one and every unit at half its width: every ms the table removes then removes ``scale`` ms.
 ``LatencyTable.check`` holds how far the prediction was from measured networks at other widths
