@@ -329,3 +329,18 @@ def test_the_latency_benchmark_runs_side_by_side(tmp_path, monkeypatch):
     assert res["table"]["fit"] in ("scale", "rest") and "half" in res["table"]["check"]
     assert os.path.exists(tmp_path / "latency_resnet20_b8_internal_wall_"
                           f"{res['table']['fit']}.json")
+
+
+def test_pruner_target_measures_the_kept_fraction_in_latency():
+    model, table = _resnet20()
+    opt = torch.optim.SGD(pf.param_groups(model), lr=0.05, momentum=0.9)
+    pruner = pf.Pruner(model, opt, epochs=4, lam=1.0, target=0.7, select_epoch=3,
+                       select_cost="latency", latency=table)
+    model(torch.randn(4, 3, 32, 32))
+    frac = pruner._kept_fraction_mass()
+    sel = choose(controller(model).units, controller(model).unit_gates(),
+                 controller(model).masks(), controller(model).structure,
+                 controller(model).widths(), mass=0.95, cost="latency", latency=table)
+    assert frac == pytest.approx(sel.latency_ms / sel.dense_latency_ms) and 0 < frac <= 1
+    ev = pruner.epoch_end(0)
+    assert ev[0]["event"] == "lambda" and ev[0]["kept_fraction_mass"] == pytest.approx(frac)
