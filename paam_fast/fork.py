@@ -21,7 +21,7 @@ FORK_FREE = frozenset({
     "out", "resume", "max_steps", "quiet", "fork_from", "data", "cache", "device", "workers",
     "keep", "mass", "select_cost", "select_key", "select_beta", "select_allocation", "min_keep",
     "round_to", "after_select", "steps", "final_epoch", "bn_reestimate", "channels_last",
-    "compile", "cuda_graphs",
+    "compile", "cuda_graphs", "latency_table", "latency_batch", "latency_fit",
 })
 PRESEL = "presel.pt"
 

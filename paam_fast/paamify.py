@@ -302,8 +302,11 @@ class PaamController(nn.Module):
         """c_l of §5: what one filter of each unit costs now, consumers' slices included."""
         if cost == "uniform":
             return [1.0] * len(self.units)
+        if cost == "latency":
+            return self._latency_filter_costs()
         if cost not in ("params", "flops"):
-            raise ValueError(f"cost must be 'uniform', 'params' or 'flops', got {cost!r}")
+            raise ValueError(f"cost must be 'uniform', 'params', 'flops' or 'latency', got "
+                             f"{cost!r}")
         w = self.widths()
         out = []
         for u in self.units:
@@ -316,6 +319,21 @@ class PaamController(nn.Module):
             w2[u.id] = max(w[u.id] - u.groups, 0)
             out.append(float(now - sum(f(c, w2) for c in touching)) / u.groups)
         return out
+
+    def _latency_filter_costs(self) -> list[float]:
+        """c_l under ``cost="latency"``: the predicted ms one filter of each unit costs now
+        (``self.latency_table``, set by :class:`~paam_fast.Pruner`), floored at a millionth of
+        the dearest so a noisy flat stretch of the table never makes a filter free."""
+        table = getattr(self, "latency_table", None)
+        if table is None:
+            raise ValueError("cost='latency' needs a latency table: Pruner(..., latency=table) "
+                             "or model.paam.latency_table = table")
+        from .selection.costs import LatencyCost, step_costs
+
+        c = step_costs(LatencyCost(self.structure, table), self.units, self.widths(),
+                       [u.groups for u in self.units])
+        floor = 1e-6 * max(c)
+        return [max(x, floor) for x in c]
 
     def _pre_forward(self, module, args) -> None:
         self.refresh()
@@ -526,13 +544,17 @@ def penalty(model: nn.Module, cost: str = "uniform", balance: str = "filter",
 
 def select(model: nn.Module, keep: float | None = None, mass: float | None = None,
            cost: str = "params", min_keep: float = 0.05, round_to: int = 1,
-           key: str = "gate", beta: float = 0.0, allocation: str = "global") -> Selection:
+           key: str = "gate", beta: float = 0.0, allocation: str = "global",
+           latency=None) -> Selection:
     """Global selection (§6.2) on the last forward's gates; applies the hard masks.
 
     Args:
         keep: budget mode, a fraction in (0, 1] of the dense model's ``cost``.
         mass: mass mode, a fraction in (0, 1] of the summed gates (default 0.95 if neither).
-        cost: "params" or "flops"; min_keep: per-unit floor fraction; round_to: width multiple.
+        cost: "params", "flops" or "latency" (with ``latency``, a
+            :class:`~paam_fast.latency.LatencyTable` measured for this model: ``keep`` is then
+            a fraction of its predicted dense latency); min_keep: per-unit floor fraction;
+            round_to: width multiple.
         key, beta: what filters are ranked by ("gate" or "unit_mean"), divided by their
             cost^beta (:mod:`paam_fast.selection.keys`; ours, default: the gate itself).
         allocation: "global" (§6.2) or "uniform" (the uniform baseline's widths, each unit's
@@ -552,7 +574,7 @@ def select(model: nn.Module, keep: float | None = None, mass: float | None = Non
     gates = ctrl.unit_gates()
     sel = choose(ctrl.units, gates, ctrl.masks(), ctrl.structure, ctrl.widths(), keep=keep,
                  mass=mass, cost=cost, min_keep=min_keep, round_to=round_to, key=key, beta=beta,
-                 allocation=allocation)
+                 allocation=allocation, latency=latency)
     apply_masks(model, sel.alive)
     return sel
 

@@ -62,8 +62,10 @@ class Pruner:
         mass: mass-mode fraction (default 0.95 when neither keep nor target is given), or
         target: a fraction of ``select_cost`` to keep, reached by adjusting λ each epoch before
             selection so that mass-mode selection lands on it.
-        cost: the penalty's filter cost ("uniform", "params", "flops").
-        select_cost: what ``keep`` / ``target`` measure ("params" or "flops").
+        cost: the penalty's filter cost ("uniform", "params", "flops", "latency").
+        select_cost: what ``keep`` / ``target`` measure ("params", "flops" or "latency").
+        latency: a :class:`~paam_fast.latency.LatencyTable` measured for this model, needed by
+            ``select_cost="latency"`` and ``cost="latency"`` (the predicted ms of a filter).
         select_epoch: E_sel, default 30% of ``epochs``; final_epoch: E_final (masked mode),
             default 50%.
         after_select: "compact" or "masked"; steps: selection events in masked mode.
@@ -83,7 +85,8 @@ class Pruner:
                  final_epoch: int | None = None, after_select: str = "compact", steps: int = 4,
                  min_keep: float = 0.05, round_to: int = 1, target_gain: float = 1.0,
                  balance: str = "filter", select_key: str = "gate",
-                 select_beta: float = 0.0, select_allocation: str = "global") -> None:
+                 select_beta: float = 0.0, select_allocation: str = "global",
+                 latency=None) -> None:
         self.model = _unwrap(model)
         controller(self.model)
         if not isinstance(epochs, int) or epochs < 1:
@@ -102,10 +105,20 @@ class Pruner:
             check_mass(mass)
         if after_select not in ("compact", "masked"):
             raise ValueError(f"after_select must be 'compact' or 'masked', got {after_select!r}")
-        if cost not in ("uniform", "params", "flops"):
-            raise ValueError(f"cost must be 'uniform', 'params' or 'flops', got {cost!r}")
-        if select_cost not in ("params", "flops"):
-            raise ValueError(f"select_cost must be 'params' or 'flops', got {select_cost!r}")
+        if cost not in ("uniform", "params", "flops", "latency"):
+            raise ValueError(f"cost must be 'uniform', 'params', 'flops' or 'latency', got "
+                             f"{cost!r}")
+        if select_cost not in ("params", "flops", "latency"):
+            raise ValueError(f"select_cost must be 'params', 'flops' or 'latency', got "
+                             f"{select_cost!r}")
+        if "latency" in (cost, select_cost):
+            if latency is None:
+                raise ValueError("cost or select_cost 'latency' needs latency=<a LatencyTable "
+                                 "measured for this model> (paam_fast.latency.latency_table)")
+            from .selection.costs import LatencyCost
+
+            LatencyCost(controller(self.model).structure, latency)  # refuses a foreign table
+            controller(self.model).latency_table = latency
         if balance not in BALANCES:
             raise ValueError(f"balance must be one of {', '.join(BALANCES)}, got {balance!r}")
         if balance == "budget" and keep is None and target is None:
@@ -118,7 +131,7 @@ class Pruner:
         if select_allocation == "uniform" and (keep is None or after_select != "compact"):
             raise ValueError("select_allocation='uniform' needs keep= and after_select='compact'")
         self.select_kw = {"key": select_key, "beta": select_beta,
-                          "allocation": select_allocation}
+                          "allocation": select_allocation, "latency": latency}
         self.optimizer = optimizer
         self.epochs = epochs
         self.lam = float(lam)
@@ -164,9 +177,11 @@ class Pruner:
         sel = choose(ctrl.units, ctrl.unit_gates(), ctrl.masks(), ctrl.structure, ctrl.widths(),
                      mass=self.mass or 0.95, cost=self.select_cost, min_keep=self.min_keep,
                      round_to=self.round_to, key=self.select_kw["key"],
-                     beta=self.select_kw["beta"])
+                     beta=self.select_kw["beta"], latency=self.select_kw["latency"])
         if self.select_cost == "params":
             return sel.params / sel.dense_params
+        if self.select_cost == "latency":
+            return sel.latency_ms / sel.dense_latency_ms
         return sel.flops / max(sel.dense_flops, 1)
 
     def epoch_end(self, epoch: int) -> list[dict]:

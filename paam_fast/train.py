@@ -148,10 +148,21 @@ def build_parser() -> argparse.ArgumentParser:
                    "dense model's --select-cost to keep (default 0.5 when no --mass/--target)")
     g.add_argument("--mass", type=_fraction, default=None, help="mass mode: keep the shortest "
                    "prefix of gates summing to this fraction")
-    a("--cost", default="uniform", choices=["uniform", "params", "flops"],
-      help="per-filter cost in the penalty")
-    a("--select-cost", default="params", choices=["params", "flops"],
-      help="what --keep and --target are fractions of")
+    a("--cost", default="uniform", choices=["uniform", "params", "flops", "latency"],
+      help="per-filter cost in the penalty (latency: a filter's predicted ms, from the latency "
+           "table)")
+    a("--select-cost", default="params", choices=["params", "flops", "latency"],
+      help="what --keep and --target are fractions of (latency: the dense network's latency "
+           "predicted by a table measured on the training device at the start, or read from "
+           "--latency-table; saved in --out as latency_table.json)")
+    a("--latency-table", default=None, metavar="FILE", help="a latency table (paam_fast.latency) "
+      "of this model on this device, instead of measuring one at the start")
+    a("--latency-batch", type=int, default=1, help="the batch size the latency table is "
+      "measured at (the inference batch a latency budget is for)")
+    a("--latency-fit", default="rest", choices=["rest", "scale"], help="how a measured latency "
+      "table turns its layers into the network's latency: rest = dense minus the layers' sum is "
+      "fixed; scale = fixed and a scale fitted to the dense and half-width networks (ours; "
+      "paam_fast.latency)")
     a("--select-key", default="gate", choices=["gate", "unit_mean"],
       help="what selection ranks filters by (ours): gate = g; unit_mean = g / its unit's mean g "
            "(comparable across units of different widths)")
@@ -248,6 +259,7 @@ _RANGES = [
     ("--image-size", "image_size", lambda v: v >= 1, "a positive integer"),
     ("--max-steps", "max_steps", lambda v: v >= 1, "a positive integer"),
     ("--bn-reestimate", "bn_reestimate", lambda v: v >= 0, "an integer ≥ 0"),
+    ("--latency-batch", "latency_batch", lambda v: v >= 1, "a positive integer"),
     ("--score-warmup", "score_warmup", lambda v: _finite(v) and v >= 0, "a number ≥ 0"),
     ("--score-lr-scale", "score_lr_scale", lambda v: _finite(v) and v > 0, "a positive number"),
     ("--init-bias", "init_bias", _finite, "a finite number"),
@@ -313,6 +325,16 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
         if args.method not in ("paam", "slim"):
             raise UsageError(f"--fork-from forks a selection; --method {args.method} has none")
         fork.check_source(args, args.fork_from)
+    if args.latency_table is not None:
+        if "latency" not in (args.select_cost, args.cost):
+            raise UsageError("--latency-table is used only with --select-cost latency or "
+                             "--cost latency")
+        from .latency import LatencyTable
+
+        try:
+            LatencyTable.load(args.latency_table)
+        except ValueError as e:
+            raise UsageError(f"--latency-table: {e}") from e
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -588,6 +610,9 @@ class Run:
         self.model = model.to(self.dev)
         if args.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        self.latency = None
+        if self.gated and "latency" in (args.select_cost, args.cost):
+            self.latency = self._latency_table()  # on the dense network, before any thinning
         self.dense_counts = self._counts()
         self.dense_widths = {n: m.out_channels for n, m in self.model.named_modules()
                              if isinstance(m, nn.Conv2d)}
@@ -603,9 +628,10 @@ class Run:
         if args.method in ("uniform", "random"):  # thinned from the first step, trained as is
             ctrl = controller(self.model)
             alive = (uniform_alive(ctrl.units, ctrl.structure, args.keep, args.select_cost,
-                                   args.round_to) if args.method == "uniform" else
+                                   args.round_to, latency=self.latency)
+                     if args.method == "uniform" else
                      random_alive(ctrl.units, ctrl.structure, args.keep, args.select_cost,
-                                  args.round_to, seed=args.seed))
+                                  args.round_to, seed=args.seed, latency=self.latency))
             apply_masks(self.model, alive)
             compact(self.model)
         elif args.method == "retrain":  # a PAAM run's widths, thinned and trained as uniform is
@@ -635,12 +661,66 @@ class Run:
                                  balance=args.penalty_balance if args.method == "paam"
                                  else "filter", select_key=args.select_key,
                                  select_beta=args.select_beta,
-                                 select_allocation=args.select_allocation)
+                                 select_allocation=args.select_allocation,
+                                 latency=self.latency)
         self.epoch = 0
         self.global_step = 0
         self.history: list[dict] = []
         self.score_hist: list[dict] = []
         self._wrap()
+
+    def _latency_table(self):
+        """The run's latency table: --latency-table, the one this run saved (a resume), or one
+        measured now on the training device (rank 0; other ranks read its file), saved in --out
+        as latency_table.json."""
+        from .latency import LatencyTable, latency_table
+
+        args = self.args
+        ctrl = controller(self.model)
+        path = os.path.join(args.out, "latency_table.json")
+        src = args.latency_table or (path if args.resume and os.path.exists(path) else None)
+        if src is None and self.d.main:
+            table = latency_table(self.model, self.data.input_size, batch=args.latency_batch,
+                                  device=self.dev,
+                                  dtype=torch.bfloat16 if args.amp == "bf16" else torch.float32,
+                                  channels_last=args.channels_last, progress=not args.quiet,
+                                  fit=args.latency_fit)
+            table.save(path)
+            if not args.quiet:
+                print(table.describe(), flush=True)
+            src = path
+        if self.d.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+            src = src or path
+        try:
+            table = LatencyTable.load(src, ctrl.structure)
+        except ValueError as e:
+            raise UsageError(f"--latency-table {src}: {e}") from e
+        if self.d.main and os.path.abspath(src) != os.path.abspath(path):
+            table.save(path)
+        return table
+
+    def _latency_report(self) -> dict:
+        """The exported network's latency: the table's prediction, and measured beside a fresh
+        dense network, interleaved, with the table's batch, dtype and memory format."""
+        from .export import export
+        from .latency import measure_like, predict_ms
+
+        table = self.latency
+        dense = get_model(self.args.arch, num_classes=len(self.data.classes))
+        got = measure_like(table, {"dense": dense, "final": export(self.model)}, self.dev)
+        pred = predict_ms(self.model, table)
+        meas, dense_ms = got["final"]["median_ms"], got["dense"]["median_ms"]
+        return {"table": os.path.join(self.args.out, "latency_table.json"),
+                "device": table.meta["device"], "batch": table.meta["batch"],
+                "dtype": table.meta["dtype"], "threads": torch.get_num_threads(),
+                "predicted_ms": pred, "measured_ms": meas, "error": meas / pred - 1,
+                "measured_p20_p80_ms": [got["final"]["p20_ms"], got["final"]["p80_ms"]],
+                "dense_table_ms": table.dense_ms, "dense_measured_ms": dense_ms,
+                "ratio_to_dense_predicted": pred / table.dense_ms,
+                "ratio_to_dense_measured": meas / dense_ms, "table_check": table.check}
 
     # ---- model wrappers (DDP, compile, CUDA graphs): rebuilt after every compaction
     def _wrap(self) -> None:
@@ -912,6 +992,8 @@ class Run:
         if self.peer is not None:
             # what rebuilds the pruned network: the dense one, then this history replayed
             rep_json["torch_pruning"] = {"version": tp_peer.version(), **self.peer.state_dict()}
+        if self.latency is not None and self.d.main:
+            rep_json["latency"] = self._latency_report()
         if self.d.main:
             with open(os.path.join(args.out, "report.json"), "w") as f:
                 json.dump(rep_json, f, indent=2)

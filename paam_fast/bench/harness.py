@@ -2,6 +2,11 @@
 
 * ``timeit``: median and 20th/80th percentiles; CUDA events via ``triton.testing.do_bench`` (or
   ``do_bench_cudagraph``) on the GPU, ``time.perf_counter`` on the CPU.
+* ``wall_ms`` / ``compare_ms``: time per call on a named device (synchronised, calls batched
+  so a sample is long enough to time), one function or several interleaved round by round (a
+  machine whose load drifts then shifts all of them alike), by the wall clock or, for one CPU
+  thread on a shared machine, by CPU time: what a latency table (:mod:`paam_fast.latency`) and
+  the latency benchmark measure.
 * ``count_ops``: ATen ops (forward and backward) and, on the GPU, kernel launches of one call,
   from ``torch.profiler``.
 * ``environment`` / ``write_json``: every result file records device, versions, commit, mode.
@@ -11,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import platform
 import statistics
@@ -65,6 +71,91 @@ def timeit(fn: Callable[[], object], *, warmup: int = 3, reps: int = 20,
         ts.append((time.perf_counter() - t) * 1e3)
     qs = statistics.quantiles(ts, n=10)
     return {"median_ms": statistics.median(ts), "p20_ms": qs[1], "p80_ms": qs[7]}
+
+
+def _sync(device) -> Callable[[], None]:
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return lambda: torch.cuda.synchronize(dev)
+    return lambda: None
+
+
+def _stats(ts: list[float]) -> dict:
+    ts = sorted(ts)
+    q = (lambda f: ts[min(len(ts) - 1, int(f * len(ts)))])  # noqa: E731
+    return {"median_ms": statistics.median(ts), "p20_ms": q(0.2), "p80_ms": q(0.8),
+            "samples": len(ts)}
+
+
+CLOCKS = ("wall", "cpu")
+
+
+def _clock(clock: str, device) -> Callable[[], float]:
+    """``"wall"``: elapsed time (latency as a user sees it).  ``"cpu"``: the process's CPU time,
+    for a CPU run on one thread on a machine shared with other work: time spent descheduled
+    is not counted, so it estimates the unloaded wall time (caches shared with the other
+    work still slow it); with more threads it would sum them, so it is refused."""
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {CLOCKS}, got {clock!r}")
+    if clock == "wall":
+        return time.perf_counter
+    if torch.device(device).type != "cpu" or torch.get_num_threads() != 1:
+        raise ValueError("clock='cpu' measures a CPU run on one thread (torch.set_num_threads(1)"
+                         f"); here: device {device}, {torch.get_num_threads()} threads")
+    return time.process_time
+
+
+def _calls_per_sample(fn, sync, min_ms: float, now) -> int:
+    t = now()
+    fn()
+    sync()
+    one = (now() - t) * 1e3
+    return max(1, min(1000, math.ceil(min_ms / max(one, 1e-6))))
+
+
+def wall_ms(fn: Callable[[], object], *, device="cpu", warmup: int = 2, reps: int = 5,
+            min_ms: float = 1.0, clock: str = "wall") -> dict:
+    """{"median_ms", "p20_ms", "p80_ms", "samples"}: time of one call of ``fn`` on ``device``
+    (synchronised at the end of every sample), each of the ``reps`` samples running ``fn``
+    often enough to last ``min_ms`` (a timer's resolution and a call's overhead are then small
+    next to it).  ``clock``: "wall" or "cpu" (see ``_clock``)."""
+    now = _clock(clock, device)
+    sync = _sync(device)
+    for _ in range(warmup):
+        fn()
+    sync()
+    inner = _calls_per_sample(fn, sync, min_ms, now)
+    ts = []
+    for _ in range(reps):
+        t = now()
+        for _ in range(inner):
+            fn()
+        sync()
+        ts.append((now() - t) * 1e3 / inner)
+    return _stats(ts)
+
+
+def compare_ms(fns: dict[str, Callable[[], object]], *, device="cpu", warmup: int = 2,
+               rounds: int = 7, min_ms: float = 1.0, clock: str = "wall") -> dict[str, dict]:
+    """``wall_ms`` of several functions, interleaved: every round takes one sample of each, so
+    a change in the machine's load during the run moves all of them, not one."""
+    now = _clock(clock, device)
+    sync = _sync(device)
+    inner = {}
+    for k, fn in fns.items():
+        for _ in range(warmup):
+            fn()
+        sync()
+        inner[k] = _calls_per_sample(fn, sync, min_ms, now)
+    ts: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            t = now()
+            for _ in range(inner[k]):
+                fn()
+            sync()
+            ts[k].append((now() - t) * 1e3 / inner[k])
+    return {k: _stats(v) for k, v in ts.items()}
 
 
 def count_ops(fn: Callable[[], object]) -> dict:

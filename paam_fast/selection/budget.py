@@ -10,7 +10,7 @@ import torch
 
 
 def fill_budget(units, values: list[torch.Tensor], rank: list[torch.Tensor], floors: list[int],
-                width, model, budget: int, w: dict[int, int]) -> list[int]:
+                width, model, budget: int | float, w: dict[int, int]) -> list[int]:
     """Budget mode: every unit starts at its floor; then steps are added in descending value,
     each only if the model's cost, recounted exactly around that unit, stays within
     ``budget``.  A unit's next step is its best remaining one, so once a unit's step does not

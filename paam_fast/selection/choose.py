@@ -28,22 +28,38 @@ def _check(units, gates, keep, mass, min_keep, round_to) -> None:
                              "network diverged: lower the learning rate or λ")
 
 
+def _budget(keep: float, dense_total: int | float) -> int | float:
+    """``keep`` of the dense cost: counts (params, MACs) floored to a whole count, a latency
+    (ms) kept as it is."""
+    if isinstance(dense_total, int):
+        return int(math.floor(keep * dense_total))
+    return keep * dense_total
+
+
+def _amount(x: int | float, cost: str, unit: bool = True) -> str:
+    if cost == "latency":
+        return f"{x:.4g} ms"
+    return f"{x:,} {cost}" if unit else f"{x:,}"
+
+
 def _start_at_floors(units, keep, cost, min_keep, round_to, model, structure, width, floors,
-                     w: dict[int, int]) -> int:
+                     w: dict[int, int]) -> int | float:
     """Budget mode's start: the budget in ``cost``, every unit at its floor in ``w``; a clear
     error if the parts no selection removes, or the floors, already exceed the budget."""
     dense_total = model.total(structure.widths())
-    budget = int(math.floor(keep * dense_total))
+    budget = _budget(keep, dense_total)
     for u in units:
         w[u.id] = 0
     if model.total(w) > budget:
-        raise ValueError(f"keep={keep} asks for {budget:,} {cost} but the parts no selection "
-                         f"can remove need {model.total(w):,} of the dense {dense_total:,}")
+        raise ValueError(f"keep={keep} asks for {_amount(budget, cost)} but the parts no "
+                         f"selection can remove need {_amount(model.total(w), cost, False)} of "
+                         f"the dense {_amount(dense_total, cost, False)}")
     for i, u in enumerate(units):
         w[u.id] = width(i, floors[i])
     if model.total(w) > budget:
-        raise ValueError(f"keep={keep} asks for {budget:,} {cost} but min_keep={min_keep} "
-                         f"(round_to={round_to}) alone needs {model.total(w):,}")
+        need = _amount(model.total(w), cost, False)
+        raise ValueError(f"keep={keep} asks for {_amount(budget, cost)} but min_keep={min_keep} "
+                         f"(round_to={round_to}) alone needs {need}")
     return budget
 
 
@@ -51,14 +67,16 @@ def choose(units: list[Space], gates: list[torch.Tensor], alive: list[torch.Tens
            structure: Structure, widths: dict[int, int], *, keep: float | None = None,
            mass: float | None = None, cost: str = "params", min_keep: float = 0.05,
            round_to: int = 1, key: str = "gate", beta: float = 0.0,
-           allocation: str = "global") -> Selection:
+           allocation: str = "global", latency=None) -> Selection:
     """Pick the filters that survive.
 
     Args:
         units: the gated spaces; gates: their (F,) gate values; alive: their (F,) bool masks
             (only alive filters compete; dead ones stay dead).
         structure: the graph's counts; widths: space id -> current physical width of every space.
-        keep / mass: exactly one; cost: "params" or "flops" (what ``keep`` is a fraction of).
+        keep / mass: exactly one; cost: "params", "flops" or "latency" (what ``keep`` is a
+            fraction of); latency: the :class:`~paam_fast.latency.LatencyTable` of this model
+            (needed by, and only used with, ``cost="latency"``).
         key, beta: what filters are ranked by (:mod:`paam_fast.selection.keys`).
         allocation: "global" (one ranking over all units decides the widths) or "uniform"
             (budget mode: the widths of the uniform baseline, each unit keeping its own best
@@ -66,7 +84,7 @@ def choose(units: list[Space], gates: list[torch.Tensor], alive: list[torch.Tens
     Returns:
         a :class:`Selection`.  Raises ValueError for non-finite gates or an unreachable budget.
     """
-    model = cost_model(structure, cost)
+    model = cost_model(structure, cost, latency)
     check_key(key, beta)
     if allocation not in ("global", "uniform"):
         raise ValueError(f"allocation must be 'global' or 'uniform', got {allocation!r}")
@@ -90,8 +108,8 @@ def choose(units: list[Space], gates: list[torch.Tensor], alive: list[torch.Tens
     w = dict(widths)
     budget = None
     if allocation == "uniform":
-        budget = int(math.floor(keep * model.total(structure.widths())))
-        uw = uniform_widths(units, structure, keep, cost, round_to)
+        budget = _budget(keep, model.total(structure.widths()))
+        uw = uniform_widths(units, structure, keep, cost, round_to, latency)
         w.update({u.id: min(uw[u.id], mult[i] * n_alive[i]) for i, u in enumerate(units)})
     elif keep is not None:
         budget = _start_at_floors(units, keep, cost, min_keep, round_to, model, structure,
@@ -102,7 +120,10 @@ def choose(units: list[Space], gates: list[torch.Tensor], alive: list[torch.Tens
         count = mass_counts(steps.values, steps.alive, mult, floors, mass)
         w.update({u.id: width(i, count[i]) for i, u in enumerate(units)})
     dense_w = structure.widths()
+    lat = {}
+    if cost == "latency":
+        lat = {"latency_ms": model.total(w), "dense_latency_ms": model.total(dense_w)}
     return Selection(alive=masks(units, steps, alive, rank, w), params=structure.params(w),
                      flops=structure.macs(w), dense_params=structure.params(dense_w),
                      dense_flops=structure.macs(dense_w), budget=budget,
-                     mode="keep" if keep is not None else "mass")
+                     mode="keep" if keep is not None else "mass", **lat)

@@ -4,7 +4,8 @@ A cost model answers two questions about widths ``w`` (space id -> channels): th
 ``total(w)``, and ``local(space_id)``, a function of ``w`` that sums only the terms a unit's width
 changes (its producers and its consumers).  The budget search adds a filter by recomputing the
 local part before and after, so the count stays exact (a filter's cost depends on its
-neighbours' widths) without recounting the whole model.  A latency model plugs in the same way.
+neighbours' widths) without recounting the whole model.  ``"latency"`` (:class:`LatencyCost`)
+answers them from a table measured on the target device (:mod:`paam_fast.latency`), in ms.
 """
 
 from __future__ import annotations
@@ -13,6 +14,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..graph import Structure
+
+# The latency table (paam_fast.latency.LatencyTable) is not imported here: latency measures
+# paamified models, paamify selects, and selection would import latency back (a circle).  A
+# table is anything with ``bind(structure)``, ``fixed_ms`` and ``scale``.
+LatencyTable = object
 
 Widths = dict[int, int]
 
@@ -41,13 +47,51 @@ class StructureCost:
         return lambda w: sum(c.macs(w) for c in touching)
 
 
-COSTS = ("params", "flops")
+@dataclass
+class LatencyCost:
+    """Predicted latency in ms (a :class:`~paam_fast.latency.LatencyTable`): ``total(w)`` is the
+    table's fixed rest plus every timed layer at ``w`` (times the table's ``scale``);
+    ``local(space_id)`` sums the timed layers that read or write that space (the fixed rest
+    never changes with a width)."""
+
+    structure: Structure
+    table: LatencyTable
+    _touching: dict[int, list] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self._layers = self.table.bind(self.structure)  # refuses another model's table
+
+    @property
+    def name(self) -> str:
+        return "latency"
+
+    def total(self, w: Widths) -> float:
+        return self.table.fixed_ms + self.table.scale * sum(b.ms(w) for b in self._layers)
+
+    def local(self, space_id: int) -> Callable[[Widths], float]:
+        if space_id not in self._touching:
+            self._touching[space_id] = [b for b in self._layers if b.cost.touches(space_id)]
+        touching, scale = self._touching[space_id], self.table.scale
+        return lambda w: scale * sum(b.ms(w) for b in touching)
 
 
-def cost_model(structure: Structure, cost: str) -> StructureCost:
-    """The cost model named ``cost`` ("params" or "flops") over ``structure``."""
+COSTS = ("params", "flops", "latency")
+
+
+def cost_model(structure: Structure, cost: str, latency: LatencyTable | None = None
+               ) -> StructureCost | LatencyCost:
+    """The cost model named ``cost`` over ``structure``: "params", "flops", or "latency" (with
+    ``latency``, a table measured for this model)."""
     if cost not in COSTS:
         raise ValueError(f"selection cost must be one of {COSTS}, got {cost!r}")
+    if cost == "latency":
+        if latency is None:
+            raise ValueError("cost='latency' needs latency=<a LatencyTable for this model> "
+                             "(paam_fast.latency.latency_table)")
+        if not all(hasattr(latency, a) for a in ("bind", "fixed_ms", "scale")):
+            raise ValueError(f"latency must be a paam_fast.latency.LatencyTable, got "
+                             f"{type(latency).__name__}")
+        return LatencyCost(structure, latency)
     return StructureCost(structure, cost)
 
 

@@ -11,15 +11,19 @@ import torch
 @dataclass(frozen=True)
 class Selection:
     """What a selection decided.  ``alive``: per unit name, a (F,) bool mask; ``params`` and
-    ``flops``: the model's counts at the kept widths; ``budget``: the target count (budget mode)."""
+    ``flops``: the model's counts at the kept widths; ``budget``: the target count (budget mode;
+    ms under ``cost="latency"``, where ``latency_ms`` and ``dense_latency_ms`` hold the table's
+    predictions at the kept and the dense widths)."""
 
     alive: dict[str, torch.Tensor]
     params: int
     flops: int
     dense_params: int
     dense_flops: int
-    budget: int | None
+    budget: int | float | None
     mode: str
+    latency_ms: float | None = None
+    dense_latency_ms: float | None = None
 
     @property
     def widths(self) -> dict[str, int]:
@@ -28,7 +32,9 @@ class Selection:
     def to_dict(self) -> dict:
         return {"mode": self.mode, "params": self.params, "flops": self.flops,
                 "dense_params": self.dense_params, "dense_flops": self.dense_flops,
-                "budget": self.budget, "widths": self.widths}
+                "budget": self.budget, "widths": self.widths,
+                **({"latency_ms": self.latency_ms, "dense_latency_ms": self.dense_latency_ms}
+                   if self.latency_ms is not None else {})}
 
 
 def _check_fraction(name: str, x) -> float:

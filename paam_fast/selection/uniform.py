@@ -14,13 +14,15 @@ from .result import check_keep
 
 
 def uniform_widths(units: list[Space], structure: Structure, keep: float, cost: str = "params",
-                   round_to: int = 1, shares: list[float] | None = None) -> dict[int, int]:
+                   round_to: int = 1, shares: list[float] | None = None,
+                   latency=None) -> dict[int, int]:
     """Widths (space id -> channels) with every unit at its first ⌈r·F⌉ filters (rounded up to
-    ``round_to``), r the largest fraction that fits ``keep`` × the dense ``cost``.  With
-    ``shares`` (one per unit, in (0, 1]) unit u keeps ⌈min(1, r·shares[u])·F⌉ instead."""
+    ``round_to``), r the largest fraction that fits ``keep`` × the dense ``cost`` (``latency``:
+    the table, for ``cost="latency"``).  With ``shares`` (one per unit, in (0, 1]) unit u keeps
+    ⌈min(1, r·shares[u])·F⌉ instead."""
     check_keep(keep)
     shares = shares or [1.0] * len(units)
-    total = cost_model(structure, cost).total
+    total = cost_model(structure, cost, latency).total
     dense_w = structure.widths()
     budget = keep * total(dense_w)
 
@@ -44,14 +46,15 @@ def uniform_widths(units: list[Space], structure: Structure, keep: float, cost: 
 
 
 def uniform_alive(units: list[Space], structure: Structure, keep: float, cost: str = "params",
-                  round_to: int = 1) -> dict[str, torch.Tensor]:
+                  round_to: int = 1, latency=None) -> dict[str, torch.Tensor]:
     """The `uniform` baseline as masks: {unit name: (F,) bool}, the first filters of every
     group kept."""
-    return _first(units, uniform_widths(units, structure, keep, cost, round_to))
+    return _first(units, uniform_widths(units, structure, keep, cost, round_to,
+                                        latency=latency))
 
 
 def random_alive(units: list[Space], structure: Structure, keep: float, cost: str = "params",
-                 round_to: int = 1, seed: int = 0, min_share: float = 0.05
+                 round_to: int = 1, seed: int = 0, min_share: float = 0.05, latency=None
                  ) -> dict[str, torch.Tensor]:
     """The `random` control: each unit's share drawn uniformly from [min_share, 1] (a generator
     seeded by ``seed``), then every share scaled by the one factor that fits the budget: random
@@ -59,7 +62,8 @@ def random_alive(units: list[Space], structure: Structure, keep: float, cost: st
     gen = torch.Generator().manual_seed(seed)
     shares = (min_share + (1 - min_share) * torch.rand(len(units), generator=gen,
                                                        dtype=torch.float64)).tolist()
-    return _first(units, uniform_widths(units, structure, keep, cost, round_to, shares))
+    return _first(units, uniform_widths(units, structure, keep, cost, round_to, shares,
+                                        latency))
 
 
 def _first(units: list[Space], w: dict[int, int]) -> dict[str, torch.Tensor]:

@@ -1,0 +1,193 @@
+"""Latency budgets (issue 20): how well a latency table predicts the networks it selects.
+
+    python -m paam_fast.bench.latency --arch resnet50 --size 224 --batch 1 --keeps 0.3 0.5 0.7
+    python -m paam_fast.bench.latency --arch resnet20 --size 32 --batch 256 --table t.json
+
+Side by side in one run, every network exported to plain torch and measured interleaved (round
+by round, so a drifting machine load moves them all alike): the dense network; PAAM's global
+selection at ``keep`` × the table's dense latency (from random gates: this measures the
+prediction, not accuracy); and the uniform baseline (every unit thinned alike) matched to the
+PAAM network's *measured* latency (started at the same predicted budget, then corrected by the
+measured ratio).  Printed: predicted and measured ms, the prediction's error, the ratio to dense.
+Writes one JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import time
+
+import torch
+
+import paam_fast as pf
+from paam_fast.latency import LatencyTable, latency_table, measure_like
+from paam_fast.paamify import controller
+from paam_fast.selection import choose, uniform_alive
+
+from .harness import write_json
+
+
+def _widths(structure, alive: dict) -> dict[int, int]:
+    w = structure.widths()
+    for u in structure.units:
+        w[u.id] = int(alive[u.name].sum())
+    return w
+
+
+def _plain(model, alive: dict):
+    cp = copy.deepcopy(model)
+    pf.apply_masks(cp, alive)
+    return pf.export(cp)
+
+
+def _uniform(ctrl, table, keep: float, round_to: int) -> dict | None:
+    try:
+        return uniform_alive(ctrl.units, ctrl.structure, min(keep, 1.0), "latency", round_to,
+                             latency=table)
+    except ValueError:  # even one filter per unit is over this budget
+        return None
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", default="resnet50")
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--num-classes", type=int, default=1000)
+    ap.add_argument("--keeps", type=float, nargs="+", default=[0.3, 0.5, 0.7],
+                    help="budgets: fractions of the table's dense latency")
+    ap.add_argument("--round-to", type=int, default=8, help="kept widths in multiples of this")
+    ap.add_argument("--table", default=None, help="a saved latency table (default: measure one)")
+    ap.add_argument("--save-table", default=None, help="write the measured table here")
+    ap.add_argument("--grid", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=11, help="interleaved rounds of the final "
+                    "measurement")
+    ap.add_argument("--match-iters", type=int, default=2, help="corrections of the uniform "
+                    "network's budget towards PAAM's measured latency")
+    ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--coupling", default="internal", choices=["internal", "grouped"],
+                    help="grouped: residual channels are units too (lower budgets reachable)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--fit", default="rest", choices=["rest", "scale"],
+                    help="rest: fixed = dense minus the layers' sum; scale: fixed and a scale "
+                    "fitted to the dense and half-width networks (paam_fast.latency)")
+    ap.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                    help="cpu: the process's CPU time (one CPU thread on a shared machine)")
+    a = ap.parse_args(argv)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(a.seed)
+    size = (1, 3, a.size, a.size)
+    model = pf.paamify(pf.models.get_model(a.arch, num_classes=a.num_classes), input_size=size,
+                       coupling=a.coupling)
+    ctrl = controller(model)
+    t0 = time.time()
+    if a.table:
+        table = LatencyTable.load(a.table, model)
+    else:
+        table = latency_table(model, size, batch=a.batch, device=dev, grid=a.grid,
+                              repeats=a.repeats, channels_last=a.channels_last, clock=a.clock,
+                              fit=a.fit)
+        if a.save_table:
+            table.save(a.save_table)
+    table_s = time.time() - t0
+    print(table.describe(), f"({table_s:.0f} s)" if not a.table else "(read)")
+    if "warning" in table.meta:
+        print("WARNING:", table.meta["warning"])
+    for name, c in (table.check or {}).items():
+        if isinstance(c, dict):
+            print(f"table check, every unit at {name.replace('_', '-')} width"
+                  f"{' (fitted to it)' if c['fitted'] else ''}: predicted "
+                  f"{c['predicted_ms']:.2f} ms, measured {c['measured_ms']:.2f} ms "
+                  f"({c['error']:+.1%})")
+    gen = torch.Generator().manual_seed(a.seed)
+    gates = [torch.rand(u.width, generator=gen) * 0.9 + 0.05 for u in ctrl.units]
+    alive_all = [torch.ones(u.width, dtype=torch.bool) for u in ctrl.units]
+    dense = pf.export(model)
+    rows = {"dense": {"keep": 1.0, "predicted_ms": table.dense_ms}}
+    models = {"dense": dense}
+    uniform_alive_at = {}
+    skipped = {}
+    for keep in a.keeps:
+        try:
+            sel = choose(ctrl.units, gates, alive_all, ctrl.structure, ctrl.widths(), keep=keep,
+                         cost="latency", latency=table, round_to=a.round_to)
+        except ValueError as e:  # below what this coupling can remove
+            print(f"keep {keep:g}: skipped ({e})")
+            skipped[str(keep)] = str(e)
+            continue
+        name = f"paam@{keep:g}"
+        models[name] = _plain(model, sel.alive)
+        rows[name] = {"keep": keep, "predicted_ms": sel.latency_ms}
+        # the uniform baseline at PAAM's measured latency: start at the same predicted budget,
+        # then scale the budget by measured(PAAM) / measured(uniform)
+        k_u, best = keep, math.inf
+        for _ in range(a.match_iters + 1):
+            uni = _uniform(ctrl, table, k_u, a.round_to)
+            if uni is None:
+                break
+            got = measure_like(table, {"p": models[name], "u": _plain(model, uni)}, dev,
+                               rounds=7)
+            ratio = got["p"]["median_ms"] / got["u"]["median_ms"]
+            if abs(ratio - 1) < best:  # the closest match measured
+                best = abs(ratio - 1)
+                uniform_alive_at[keep] = (uni, k_u)
+            if abs(ratio - 1) < 0.02:
+                break
+            k_u = k_u * ratio
+        if keep in uniform_alive_at:
+            uni, k_u = uniform_alive_at[keep]
+            uname = f"uniform@{keep:g}"
+            models[uname] = _plain(model, uni)
+            rows[uname] = {"keep": k_u, "predicted_ms": table.predict(
+                ctrl.structure, _widths(ctrl.structure, uni))}
+    got = measure_like(table, models, dev, rounds=a.rounds)
+    clock = table.meta.get("clock", "wall")
+    d = got["dense"]["median_ms"]
+    # the same networks predicted by the other fit of the same measurements
+    other = "scale" if table.meta.get("fit") == "rest" else "rest"
+    alt = table.refit(other) if table.check and "half" in table.check else None
+    for name, row in rows.items():
+        g = got[name]
+        if alt is not None:
+            layers = (row["predicted_ms"] - table.fixed_ms) / table.scale
+            p_alt = alt.fixed_ms + alt.scale * layers
+            row[f"predicted_ms_{alt.meta['fit']}"] = p_alt
+            row[f"error_{alt.meta['fit']}"] = g["median_ms"] / p_alt - 1
+            row[f"error_vs_dense_{alt.meta['fit']}"] = \
+                (g["median_ms"] / d) / (p_alt / alt.dense_ms) - 1
+        row.update(measured_ms=g["median_ms"], p20_ms=g["p20_ms"], p80_ms=g["p80_ms"],
+                   error=g["median_ms"] / row["predicted_ms"] - 1,
+                   ratio_to_dense_measured=g["median_ms"] / d,
+                   ratio_to_dense_predicted=row["predicted_ms"] / table.dense_ms,
+                   # the error of the ratio to dense: free of the machine's load drifting
+                   # between the table's measurement and this one
+                   error_vs_dense=(g["median_ms"] / d) / (row["predicted_ms"] / table.dense_ms)
+                   - 1,
+                   **pf.count(models[name], size))
+    fit = table.meta.get("fit", "rest")
+    alt_fit = alt.meta["fit"] if alt is not None else None
+    print(f"{'network':>14s} {'budget':>7s} {'predicted':>10s} {'measured':>10s} {'error':>7s} "
+          f"{'÷dense':>7s} {'÷dense err':>10s} {'params':>11s} {'MACs':>14s}"
+          + (f"   [fit {alt_fit}: predicted, error, ÷dense err]" if alt_fit else ""))
+    for name, r in rows.items():
+        print(f"{name:>14s} {r['keep']:7.3f} {r['predicted_ms']:8.2f}ms {r['measured_ms']:8.2f}ms "
+              f"{r['error']:+7.1%} {r['ratio_to_dense_measured']:7.3f} "
+              f"{r['error_vs_dense']:+10.1%} {r['params']:11,} {r['flops']:14,}"
+              + (f"   {r[f'predicted_ms_{alt_fit}']:8.2f}ms {r[f'error_{alt_fit}']:+7.1%} "
+                 f"{r[f'error_vs_dense_{alt_fit}']:+7.1%}" if alt_fit else ""))
+    res = {"arch": a.arch, "size": a.size, "batch": a.batch, "device_kind": dev,
+           "threads": torch.get_num_threads(), "round_to": a.round_to,
+           "loadavg": os.getloadavg(), "table": {k: v for k, v in table.to_json().items()
+                                                  if k not in ("grids", "layers")},
+           "table_s": table_s, "coupling": a.coupling, "clock": clock, "skipped": skipped,
+           "rows": rows}
+    print("wrote", write_json(f"latency_{a.arch}_b{a.batch}_{a.coupling}_{clock}_{fit}", res))
+    return res
+
+
+if __name__ == "__main__":
+    main()
