@@ -523,6 +523,115 @@ def _apply_fit(table: LatencyTable, fit: str) -> None:
             c["fitted"] = table.meta["fit"] == "scale" and name == "half"
 
 
+def _check_args(grid, batch, repeats, fit, check) -> None:
+    if isinstance(grid, bool) or not ((isinstance(grid, int) and grid >= 2) or (
+            not isinstance(grid, int) and len(grid) > 0 and all(0 < f <= 1 for f in grid))):
+        raise ValueError(f"grid must be an int ≥ 2 or fractions in (0, 1], got {grid!r}")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be a positive integer, got {batch!r}")
+    if not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be a positive integer, got {repeats!r}")
+    if fit not in FITS:
+        raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
+    if fit == "scale" and not check:
+        raise ValueError("fit='scale' fits to the half-width network that check=True measures")
+
+
+def _dense_copy(model: nn.Module, input_size, coupling: str):
+    """A paamified copy of ``model`` with every filter alive, and the (N, C, H, W) input size."""
+    from .paamify import apply_masks, controller, is_paamified, paamify
+
+    if is_paamified(model):
+        ctrl = controller(model)
+        if ctrl.compacted:
+            raise ValueError("latency_table needs the dense network: this model is compacted "
+                             "(build the table before the selection, or from a fresh model)")
+        work = copy.deepcopy(model)
+        apply_masks(work, {u.name: torch.ones(u.width, dtype=torch.bool) for u in ctrl.units})
+        input_size = tuple(input_size or ctrl.structure.input_size)
+    else:
+        if input_size is None:
+            raise ValueError("latency_table of a plain model needs input_size")
+        input_size = tuple(input_size)
+        work = paamify(copy.deepcopy(model), coupling=coupling,
+                       input_size=(1, *input_size[-3:]))
+    if len(input_size) == 3:
+        input_size = (1, *input_size)
+    return work, input_size
+
+
+def _shapes(ops) -> tuple[list[dict], list[dict]]:
+    """The distinct layer shapes, and per layer its name and shape index: identical shapes
+    share one measurement."""
+    keys: dict[str, int] = {}
+    shapes: list[dict] = []
+    layers = []
+    for name, op in ops:
+        k = json.dumps(op, sort_keys=True)
+        if k not in keys:
+            keys[k] = len(shapes)
+            shapes.append(op)
+        layers.append({"name": name, "grid": keys[k]})
+    return shapes, layers
+
+
+def _measure_grids(shapes, axes, timer, progress, batch, device, dtype, channels_last, warmup,
+                   repeats, clock) -> list[Grid]:
+    """Every shape timed at every (input width, output width) point of its axes."""
+    bar = None
+    if progress and timer is None and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=sum(len(a) * len(b) for a, b in axes), desc="latency table",
+                   leave=False)
+    grids = []
+    try:
+        for op, (ins, outs) in zip(shapes, axes):
+            ms = []
+            for i in ins:
+                row = []
+                for o in outs:
+                    if timer is not None:
+                        row.append(float(timer(op, i, o)))
+                    else:
+                        fn = _runner(op, i, o, batch, device, dtype, channels_last)
+                        row.append(wall_ms(fn, device=device, warmup=warmup, reps=repeats,
+                                           min_ms=0.5, clock=clock)["median_ms"])
+                    if bar is not None:
+                        bar.update(1)
+                ms.append(row)
+            grids.append(Grid(op, ins, outs, ms))
+    finally:
+        if bar is not None:
+            bar.close()
+    return grids
+
+
+def _measure_networks(table, work, structure, dense, check, batch, input_size, device, dtype,
+                      channels_last, warmup, repeats, clock) -> None:
+    """The whole dense network (and, with ``check``, the half and three-quarter width ones)
+    measured interleaved, into ``table.dense_ms`` and ``table.check``."""
+    from .export import export
+    from .paamify import apply_masks, controller
+
+    x = _input(batch, input_size, device, dtype, channels_last)
+    fns = {"dense": _forward(dense, x)}
+    sums = {"dense": table.meta["layers_dense_ms"]}
+    if check:
+        for name, frac in (("half", 0.5), ("three_quarter", 0.75)):
+            apply_masks(work, _fraction_alive(structure.units, frac))
+            fns[name] = _forward(_prepare(export(work), device, dtype, channels_last), x)
+            sums[name] = table.predict(structure, controller(work).widths())
+    got = compare_ms(fns, device=device, warmup=warmup, rounds=max(2 * repeats + 1, 7),
+                     clock=clock)
+    table.dense_ms = got["dense"]["median_ms"]
+    if check:
+        table.check = {"dense_p20_p80_ms": [got["dense"]["p20_ms"], got["dense"]["p80_ms"]]}
+        for name in ("half", "three_quarter"):
+            table.check[name] = {"layers_ms": sums[name], "measured_ms": got[name]["median_ms"],
+                                 "p20_p80_ms": [got[name]["p20_ms"], got[name]["p80_ms"]]}
+
+
 def latency_table(model: nn.Module, input_size: Sequence[int] | None = None, batch: int = 1,
                   device="cpu", dtype: torch.dtype = torch.float32, channels_last: bool = False,
                   grid: int | Sequence[float] = 8, repeats: int = 5, warmup: int = 2,
@@ -555,82 +664,26 @@ def latency_table(model: nn.Module, input_size: Sequence[int] | None = None, bat
     """
     from .export import export
     from .graph import _trace
-    from .paamify import apply_masks, controller, is_paamified, paamify
+    from .paamify import controller
 
-    if isinstance(grid, bool) or not ((isinstance(grid, int) and grid >= 2) or (
-            not isinstance(grid, int) and len(grid) > 0 and all(0 < f <= 1 for f in grid))):
-        raise ValueError(f"grid must be an int ≥ 2 or fractions in (0, 1], got {grid!r}")
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"batch must be a positive integer, got {batch!r}")
-    if not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats must be a positive integer, got {repeats!r}")
-    if fit not in FITS:
-        raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
-    if fit == "scale" and not check:
-        raise ValueError("fit='scale' fits to the half-width network that check=True measures")
+    _check_args(grid, batch, repeats, fit, check)
     device = torch.device(device)
     if timer is None:
         from .bench.harness import _clock
 
         _clock(clock, device)  # refuses clock="cpu" where it would not mean latency
-    if is_paamified(model):
-        ctrl = controller(model)
-        if ctrl.compacted:
-            raise ValueError("latency_table needs the dense network: this model is compacted "
-                             "(build the table before the selection, or from a fresh model)")
-        work = copy.deepcopy(model)
-        apply_masks(work, {u.name: torch.ones(u.width, dtype=torch.bool) for u in ctrl.units})
-        input_size = tuple(input_size or ctrl.structure.input_size)
-    else:
-        if input_size is None:
-            raise ValueError("latency_table of a plain model needs input_size")
-        input_size = tuple(input_size)
-        work = paamify(copy.deepcopy(model), coupling=coupling,
-                       input_size=(1, *input_size[-3:]))
-    if len(input_size) == 3:
-        input_size = (1, *input_size)
+    work, input_size = _dense_copy(model, input_size, coupling)
     structure = controller(work).structure
     dense = _prepare(export(work), device, dtype, channels_last)
     gm = _trace(dense, _input(1, input_size, device, dtype, channels_last))
     ops = _ops(gm, structure)
 
-    keys: dict[str, int] = {}
-    shapes: list[dict] = []
-    layers = []
-    for name, op in ops:  # identical shapes share one measurement
-        k = json.dumps(op, sort_keys=True)
-        if k not in keys:
-            keys[k] = len(shapes)
-            shapes.append(op)
-        layers.append({"name": name, "grid": keys[k]})
+    shapes, layers = _shapes(ops)
     axes = [_op_axes(op, grid) for op in shapes]
     n_points = sum(len(a) * len(b) for a, b in axes)
-    bar = None
-    if progress and timer is None and sys.stderr.isatty():
-        from tqdm import tqdm
-
-        bar = tqdm(total=n_points, desc="latency table", leave=False)
     t0 = time.time()
-    grids = []
-    try:
-        for op, (ins, outs) in zip(shapes, axes):
-            ms = []
-            for i in ins:
-                row = []
-                for o in outs:
-                    if timer is not None:
-                        row.append(float(timer(op, i, o)))
-                    else:
-                        fn = _runner(op, i, o, batch, device, dtype, channels_last)
-                        row.append(wall_ms(fn, device=device, warmup=warmup, reps=repeats,
-                                           min_ms=0.5, clock=clock)["median_ms"])
-                    if bar is not None:
-                        bar.update(1)
-                ms.append(row)
-            grids.append(Grid(op, ins, outs, ms))
-    finally:
-        if bar is not None:
-            bar.close()
+    grids = _measure_grids(shapes, axes, timer, progress, batch, device, dtype, channels_last,
+                           warmup, repeats, clock)
     table_s = time.time() - t0
     meta = {"device": _device_name(device), "device_kind": device.type,
             "torch": torch.__version__, "batch": batch, "dtype": str(dtype).replace("torch.", ""),
@@ -648,22 +701,8 @@ def latency_table(model: nn.Module, input_size: Sequence[int] | None = None, bat
     if timer is not None:
         table.dense_ms = dense_sum
         return table
-    x = _input(batch, input_size, device, dtype, channels_last)
-    fns = {"dense": _forward(dense, x)}
-    sums = {"dense": dense_sum}
-    if check:
-        for name, frac in (("half", 0.5), ("three_quarter", 0.75)):
-            apply_masks(work, _fraction_alive(structure.units, frac))
-            fns[name] = _forward(_prepare(export(work), device, dtype, channels_last), x)
-            sums[name] = table.predict(structure, controller(work).widths())
-    got = compare_ms(fns, device=device, warmup=warmup, rounds=max(2 * repeats + 1, 7),
-                     clock=clock)
-    table.dense_ms = got["dense"]["median_ms"]
-    if check:
-        table.check = {"dense_p20_p80_ms": [got["dense"]["p20_ms"], got["dense"]["p80_ms"]]}
-        for name in ("half", "three_quarter"):
-            table.check[name] = {"layers_ms": sums[name], "measured_ms": got[name]["median_ms"],
-                                 "p20_p80_ms": [got[name]["p20_ms"], got[name]["p80_ms"]]}
+    _measure_networks(table, work, structure, dense, check, batch, input_size, device, dtype,
+                      channels_last, warmup, repeats, clock)
     _apply_fit(table, fit)
     table.meta["measure_s"] = round(time.time() - t0, 1)
     if "warning" in table.meta:
