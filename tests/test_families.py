@@ -31,8 +31,9 @@ def _timm(name):
     return lambda: pf.models.get_model(f"timm:{name}")
 
 
-def check_prunes_to_half(model_fn, coupling):
-    """The truths of PAAM_METHOD.md §7 on one model; returns (paamified model, export)."""
+def _scored(model_fn, coupling):
+    """(dense model, paamified copy with its weights, random BN statistics and a first
+    forward done, the input)."""
     dense = model_fn()
     model = pf.paamify(model_fn(), coupling=coupling, input_size=SIZE)
     model.load_state_dict(dense.state_dict(), strict=False)
@@ -40,6 +41,12 @@ def check_prunes_to_half(model_fn, coupling):
     model.eval()
     x = torch.randn(2, *SIZE[1:])
     model(x)
+    return dense, model, x
+
+
+def check_prunes_to_half(model_fn, coupling):
+    """The truths of PAAM_METHOD.md §7 on one model; returns (paamified model, export)."""
+    dense, model, x = _scored(model_fn, coupling)
     dense_params = pf.count(model, SIZE)["params"]
     sel = pf.select(model, keep=0.5)
     for i, u in enumerate(model.paam.units):
@@ -448,14 +455,7 @@ def test_split_concat_into_residual_add_prunes_exactly(coupling):
 def test_timm_mixnet_s_prunes_exactly(coupling):
     # issue 19: the forward after selection raised "x has 200 channels but 10 are alive".  Its
     # split convs leave over half the parameters ungated, so keep=0.5 is out of reach: 0.75.
-    fn = _timm("mixnet_s")
-    dense = fn()
-    model = pf.paamify(fn(), coupling=coupling, input_size=SIZE)
-    model.load_state_dict(dense.state_dict(), strict=False)
-    randomize(model)
-    model.eval()
-    x = torch.randn(2, *SIZE[1:])
-    model(x)
+    dense, model, x = _scored(_timm("mixnet_s"), coupling)
     sel = pf.select(model, keep=0.75)
     y_masked = model(x)
     plain = pf.export(model)
