@@ -51,7 +51,7 @@ def _uniform(ctrl, table, keep: float, round_to: int) -> dict | None:
         return None
 
 
-def main(argv=None) -> dict:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="resnet50")
     ap.add_argument("--size", type=int, default=224)
@@ -77,13 +77,11 @@ def main(argv=None) -> dict:
                     "fitted to the dense and half-width networks (paam_fast.latency)")
     ap.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                     help="cpu: the process's CPU time (one CPU thread on a shared machine)")
-    a = ap.parse_args(argv)
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.manual_seed(a.seed)
-    size = (1, 3, a.size, a.size)
-    model = pf.paamify(pf.models.get_model(a.arch, num_classes=a.num_classes), input_size=size,
-                       coupling=a.coupling)
-    ctrl = controller(model)
+    return ap
+
+
+def _table(a, model, size, dev):
+    """The latency table (read, or measured and optionally saved), described; (table, s)."""
     t0 = time.time()
     if a.table:
         table = LatencyTable.load(a.table, model)
@@ -103,13 +101,38 @@ def main(argv=None) -> dict:
                   f"{' (fitted to it)' if c['fitted'] else ''}: predicted "
                   f"{c['predicted_ms']:.2f} ms, measured {c['measured_ms']:.2f} ms "
                   f"({c['error']:+.1%})")
+    return table, table_s
+
+
+def _match_uniform(a, ctrl, table, model, paam_net, keep, dev):
+    """The uniform baseline at PAAM's measured latency: start at the same predicted budget,
+    then scale the budget by measured(PAAM) / measured(uniform); (masks, budget) of the
+    closest match measured, or None."""
+    k_u, best, found = keep, math.inf, None
+    for _ in range(a.match_iters + 1):
+        uni = _uniform(ctrl, table, k_u, a.round_to)
+        if uni is None:
+            break
+        got = measure_like(table, {"p": paam_net, "u": _plain(model, uni)}, dev, rounds=7)
+        ratio = got["p"]["median_ms"] / got["u"]["median_ms"]
+        if abs(ratio - 1) < best:  # the closest match measured
+            best = abs(ratio - 1)
+            found = (uni, k_u)
+        if abs(ratio - 1) < 0.02:
+            break
+        k_u = k_u * ratio
+    return found
+
+
+def _networks(a, model, ctrl, table, dev):
+    """Dense, PAAM at each budget (random gates) and uniform matched to PAAM's measured latency:
+    (rows, networks, skipped budgets)."""
     gen = torch.Generator().manual_seed(a.seed)
     gates = [torch.rand(u.width, generator=gen) * 0.9 + 0.05 for u in ctrl.units]
     alive_all = [torch.ones(u.width, dtype=torch.bool) for u in ctrl.units]
     dense = pf.export(model)
     rows = {"dense": {"keep": 1.0, "predicted_ms": table.dense_ms}}
     models = {"dense": dense}
-    uniform_alive_at = {}
     skipped = {}
     for keep in a.keeps:
         try:
@@ -122,30 +145,18 @@ def main(argv=None) -> dict:
         name = f"paam@{keep:g}"
         models[name] = _plain(model, sel.alive)
         rows[name] = {"keep": keep, "predicted_ms": sel.latency_ms}
-        # the uniform baseline at PAAM's measured latency: start at the same predicted budget,
-        # then scale the budget by measured(PAAM) / measured(uniform)
-        k_u, best = keep, math.inf
-        for _ in range(a.match_iters + 1):
-            uni = _uniform(ctrl, table, k_u, a.round_to)
-            if uni is None:
-                break
-            got = measure_like(table, {"p": models[name], "u": _plain(model, uni)}, dev,
-                               rounds=7)
-            ratio = got["p"]["median_ms"] / got["u"]["median_ms"]
-            if abs(ratio - 1) < best:  # the closest match measured
-                best = abs(ratio - 1)
-                uniform_alive_at[keep] = (uni, k_u)
-            if abs(ratio - 1) < 0.02:
-                break
-            k_u = k_u * ratio
-        if keep in uniform_alive_at:
-            uni, k_u = uniform_alive_at[keep]
+        found = _match_uniform(a, ctrl, table, model, models[name], keep, dev)
+        if found is not None:
+            uni, k_u = found
             uname = f"uniform@{keep:g}"
             models[uname] = _plain(model, uni)
             rows[uname] = {"keep": k_u, "predicted_ms": table.predict(
                 ctrl.structure, _widths(ctrl.structure, uni))}
-    got = measure_like(table, models, dev, rounds=a.rounds)
-    clock = table.meta.get("clock", "wall")
+    return rows, models, skipped
+
+
+def _read(rows, got, table, models, size):
+    """Each row's measured figures, errors and counts; returns the other fit (or None)."""
     d = got["dense"]["median_ms"]
     # the same networks predicted by the other fit of the same measurements
     other = "scale" if table.meta.get("fit") == "rest" else "rest"
@@ -168,8 +179,10 @@ def main(argv=None) -> dict:
                    error_vs_dense=(g["median_ms"] / d) / (row["predicted_ms"] / table.dense_ms)
                    - 1,
                    **pf.count(models[name], size))
-    fit = table.meta.get("fit", "rest")
-    alt_fit = alt.meta["fit"] if alt is not None else None
+    return alt
+
+
+def _print_rows(rows, alt_fit) -> None:
     print(f"{'network':>14s} {'budget':>7s} {'predicted':>10s} {'measured':>10s} {'error':>7s} "
           f"{'÷dense':>7s} {'÷dense err':>10s} {'params':>11s} {'MACs':>14s}"
           + (f"   [fit {alt_fit}: predicted, error, ÷dense err]" if alt_fit else ""))
@@ -179,6 +192,23 @@ def main(argv=None) -> dict:
               f"{r['error_vs_dense']:+10.1%} {r['params']:11,} {r['flops']:14,}"
               + (f"   {r[f'predicted_ms_{alt_fit}']:8.2f}ms {r[f'error_{alt_fit}']:+7.1%} "
                  f"{r[f'error_vs_dense_{alt_fit}']:+7.1%}" if alt_fit else ""))
+
+
+def main(argv=None) -> dict:
+    a = _parser().parse_args(argv)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(a.seed)
+    size = (1, 3, a.size, a.size)
+    model = pf.paamify(pf.models.get_model(a.arch, num_classes=a.num_classes), input_size=size,
+                       coupling=a.coupling)
+    ctrl = controller(model)
+    table, table_s = _table(a, model, size, dev)
+    rows, models, skipped = _networks(a, model, ctrl, table, dev)
+    got = measure_like(table, models, dev, rounds=a.rounds)
+    clock = table.meta.get("clock", "wall")
+    alt = _read(rows, got, table, models, size)
+    fit = table.meta.get("fit", "rest")
+    _print_rows(rows, alt.meta["fit"] if alt is not None else None)
     res = {"arch": a.arch, "size": a.size, "batch": a.batch, "device_kind": dev,
            "threads": torch.get_num_threads(), "round_to": a.round_to,
            "loadavg": os.getloadavg(), "table": {k: v for k, v in table.to_json().items()
