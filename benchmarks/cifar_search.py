@@ -42,6 +42,8 @@ GRIDS = {
         ("uniform", ["--method", "uniform"]),
         ("paam", []),  # the library defaults (b0 = -2, λ 0.05, key = gate)
         ("paam key=unit_mean", [*_FORK, "--select-key", "unit_mean"]),
+        # the filter's first-order effect on the loss, in loss units (comparable across units)
+        ("paam key=taylor", [*_FORK, "--select-key", "taylor"]),
         ("paam same-pipeline uniform", [*_FORK, "--select-allocation", "uniform"]),
         ("paam beta=1", [*_FORK, "--select-beta", "1"]),
         ("paam key=unit_mean beta=1", [*_FORK, "--select-key", "unit_mean", "--select-beta",

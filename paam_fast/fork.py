@@ -21,7 +21,7 @@ FORK_FREE = frozenset({
     "out", "resume", "max_steps", "quiet", "fork_from", "data", "cache", "device", "workers",
     "keep", "mass", "select_cost", "select_key", "select_beta", "select_allocation", "min_keep",
     "round_to", "after_select", "steps", "final_epoch", "bn_reestimate", "channels_last",
-    "compile", "cuda_graphs", "latency_table", "latency_batch", "latency_fit",
+    "compile", "cuda_graphs", "latency_table", "latency_batch", "latency_fit", "taylor_batches",
 })
 PRESEL = "presel.pt"
 
@@ -34,9 +34,11 @@ def presel_path(run_dir: str) -> str:
     return os.path.join(run_dir, PRESEL)
 
 
-def check_source(args, run_dir: str) -> None:
+def check_source(args, run_dir: str, defaults: dict | None = None) -> None:
     """Raise ForkError unless ``run_dir`` holds a pre-selection checkpoint of a run whose
-    joint-phase options equal this run's."""
+    joint-phase options equal this run's.  ``defaults``: the options' default values; an option
+    the source's configuration does not name (it was added after that run's version) counts as
+    its default, which is how every option added since keeps the old behaviour."""
     path = presel_path(run_dir)
     cfg_path = os.path.join(run_dir, "config.json")
     if not os.path.exists(path) or not os.path.exists(cfg_path):
@@ -45,8 +47,9 @@ def check_source(args, run_dir: str) -> None:
     with open(cfg_path) as f:
         src = json.load(f)
     mine = vars(args)
+    defaults = defaults or {}
     differ = sorted(k for k in set(src) | set(mine) if k not in FORK_FREE
-                    and src.get(k) != mine.get(k))
+                    and src.get(k, defaults.get(k)) != mine.get(k))
     if differ:
         shown = ", ".join(f"--{k.replace('_', '-')} {src.get(k)!r} vs {mine.get(k)!r}"
                           for k in differ[:6])

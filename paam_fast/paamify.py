@@ -18,6 +18,7 @@ from . import dispatch
 from .graph import Space, Structure, analyse
 from .nn import GateBox, GatedBatchNorm2d, GatedConv2d, GatedConvBN2d, GatedLinear, _Gated, recast
 from .selection import Selection, check_keep, check_mass, choose
+from .selection.keys import MEASURED_KEYS
 from .surgery import slice_cats, slice_space
 
 __all__ = ["PaamController", "paamify", "is_paamified", "controller", "scores", "penalty",
@@ -545,7 +546,7 @@ def penalty(model: nn.Module, cost: str = "uniform", balance: str = "filter",
 def select(model: nn.Module, keep: float | None = None, mass: float | None = None,
            cost: str = "params", min_keep: float = 0.05, round_to: int = 1,
            key: str = "gate", beta: float = 0.0, allocation: str = "global",
-           latency=None) -> Selection:
+           latency=None, importance: list[torch.Tensor] | None = None) -> Selection:
     """Global selection (§6.2) on the last forward's gates; applies the hard masks.
 
     Args:
@@ -555,8 +556,10 @@ def select(model: nn.Module, keep: float | None = None, mass: float | None = Non
             :class:`~paam_fast.latency.LatencyTable` measured for this model: ``keep`` is then
             a fraction of its predicted dense latency); min_keep: per-unit floor fraction;
             round_to: width multiple.
-        key, beta: what filters are ranked by ("gate" or "unit_mean"), divided by their
-            cost^beta (:mod:`paam_fast.selection.keys`; ours, default: the gate itself).
+        key, beta: what filters are ranked by ("gate", "unit_mean" or "taylor"), divided by
+            their cost^beta (:mod:`paam_fast.selection.keys`; ours, default: the gate itself).
+        importance: per unit (F,) values measured for a measured key (``key="taylor"``: from
+            :func:`paam_fast.selection.taylor.taylor_importance`), ranked in place of the gates.
         allocation: "global" (§6.2) or "uniform" (the uniform baseline's widths, each unit's
             best filters by the key: a control).
     Returns:
@@ -571,7 +574,21 @@ def select(model: nn.Module, keep: float | None = None, mass: float | None = Non
         check_keep(keep)
     if mass is not None:
         check_mass(mass)
-    gates = ctrl.unit_gates()
+    if key in MEASURED_KEYS:
+        if importance is None or len(importance) != len(ctrl.units):
+            raise ValueError(f"key={key!r} ranks measured values: pass importance= (one (F,) "
+                             "tensor per gated unit, e.g. paam_fast.selection.taylor."
+                             "taylor_importance(model, batches))")
+        for u, v in zip(ctrl.units, importance):
+            if v.shape != (u.width,):
+                raise ValueError(f"importance of unit '{u.name}' has shape {tuple(v.shape)}, "
+                                 f"expected ({u.width},)")
+        gates = [v.detach().float() for v in importance]
+    elif importance is not None:
+        raise ValueError(f"importance= is only used by a measured key "
+                         f"({sorted(MEASURED_KEYS)}), not key={key!r}")
+    else:
+        gates = ctrl.unit_gates()
     sel = choose(ctrl.units, gates, ctrl.masks(), ctrl.structure, ctrl.widths(), keep=keep,
                  mass=mass, cost=cost, min_keep=min_keep, round_to=round_to, key=key, beta=beta,
                  allocation=allocation, latency=latency)

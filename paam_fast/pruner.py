@@ -22,7 +22,7 @@ from torch import nn
 
 from .paamify import BALANCES, apply_masks, compact, controller, penalty, select
 from .selection import check_keep, check_mass, choose
-from .selection.keys import check_key
+from .selection.keys import MEASURED_KEYS, check_key
 
 __all__ = ["Pruner", "DEFAULT_LAMBDA"]
 
@@ -76,6 +76,9 @@ class Pruner:
             "budget" (|mean gate − keep|, with ``keep`` or ``target`` as the budget).
         select_key, select_beta, select_allocation: what selection ranks filters by and how it
             allocates the budget (see :func:`paam_fast.select`).
+        importance: for a measured key (``select_key="taylor"``), a function of no arguments
+            that measures the per-unit values at each selection event (e.g. a closure over
+            :func:`paam_fast.selection.taylor.taylor_importance` and a few training batches).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, epochs: int,
@@ -86,7 +89,7 @@ class Pruner:
                  min_keep: float = 0.05, round_to: int = 1, target_gain: float = 1.0,
                  balance: str = "filter", select_key: str = "gate",
                  select_beta: float = 0.0, select_allocation: str = "global",
-                 latency=None) -> None:
+                 latency=None, importance=None) -> None:
         self.model = _unwrap(model)
         controller(self.model)
         if not isinstance(epochs, int) or epochs < 1:
@@ -124,6 +127,16 @@ class Pruner:
         if balance == "budget" and keep is None and target is None:
             raise ValueError("balance='budget' needs keep= or target= (the budget it aims at)")
         check_key(select_key, select_beta)
+        if select_key in MEASURED_KEYS:
+            if importance is None:
+                raise ValueError(f"select_key={select_key!r} needs importance= (a function "
+                                 "measuring the per-unit values at selection)")
+            if keep is None:  # mass and target modes read the mass of the gates themselves
+                raise ValueError(f"select_key={select_key!r} needs a budget (keep=)")
+        elif importance is not None:
+            raise ValueError(f"importance= is only used by a measured key "
+                             f"({sorted(MEASURED_KEYS)})")
+        self.importance = importance
         self.balance = balance
         if select_allocation not in ("global", "uniform"):
             raise ValueError(f"select_allocation must be 'global' or 'uniform', got "
@@ -202,19 +215,22 @@ class Pruner:
                            "lam": self.lam, "kept_fraction_mass": frac})
         while self.events_done < len(plan) and plan[self.events_done] <= done:
             k = self.events_done
+            kw = dict(self.select_kw)
+            if self.importance is not None:
+                kw["importance"] = self.importance()
             if self.after_select == "compact":
                 sel = (select(self.model, keep=self.keep, cost=self.select_cost,
-                              min_keep=self.min_keep, round_to=self.round_to, **self.select_kw)
+                              min_keep=self.min_keep, round_to=self.round_to, **kw)
                        if self.keep is not None else
                        select(self.model, mass=self.mass or 0.95, cost=self.select_cost,
                               min_keep=self.min_keep, round_to=self.round_to,
-                              **self.select_kw))
+                              **kw))
             else:
                 if self.final_keep is None:  # mass / target: the first event fixes the goal
                     self.final_keep = self._kept_fraction_mass()
                 keep_k = 1 - (1 - self.final_keep) * (k + 1) / self.steps
                 sel = select(self.model, keep=keep_k, cost=self.select_cost,
-                             min_keep=self.min_keep, round_to=self.round_to, **self.select_kw)
+                             min_keep=self.min_keep, round_to=self.round_to, **kw)
             _broadcast_masks(self.model)
             self.events_done += 1
             events.append({"epoch": epoch, "event": "select", "index": k, **sel.to_dict()})

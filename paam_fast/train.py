@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -163,9 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
       "table turns its layers into the network's latency: rest = dense minus the layers' sum is "
       "fixed; scale = fixed and a scale fitted to the dense and half-width networks (ours; "
       "paam_fast.latency)")
-    a("--select-key", default="gate", choices=["gate", "unit_mean"],
+    a("--select-key", default="gate", choices=["gate", "unit_mean", "taylor"],
       help="what selection ranks filters by (ours): gate = g; unit_mean = g / its unit's mean g "
-           "(comparable across units of different widths)")
+           "(comparable across units of different widths); taylor = |g·dL/dg| over "
+           "--taylor-batches training batches (the filter's first-order effect on the loss)")
+    a("--taylor-batches", type=int, default=20, help="training batches the Taylor key "
+      "averages over at selection (--select-key taylor)")
     a("--select-beta", type=float, default=0.0, help="divide the selection key by each filter's "
       "cost (in --select-cost) to this power (ours): 0 = the key itself, 1 = value per cost")
     a("--select-allocation", default="global", choices=["global", "uniform"],
@@ -260,6 +264,7 @@ _RANGES = [
     ("--max-steps", "max_steps", lambda v: v >= 1, "a positive integer"),
     ("--bn-reestimate", "bn_reestimate", lambda v: v >= 0, "an integer ≥ 0"),
     ("--latency-batch", "latency_batch", lambda v: v >= 1, "a positive integer"),
+    ("--taylor-batches", "taylor_batches", lambda v: v >= 1, "a positive integer"),
     ("--score-warmup", "score_warmup", lambda v: _finite(v) and v >= 0, "a number ≥ 0"),
     ("--score-lr-scale", "score_lr_scale", lambda v: _finite(v) and v > 0, "a positive number"),
     ("--init-bias", "init_bias", _finite, "a finite number"),
@@ -317,6 +322,12 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     if args.target is not None and args.keep is not None \
             and args.method not in ("uniform", "random"):
         args.keep = None  # --target implies mass-mode selection
+    if args.select_key == "taylor":
+        if args.method != "paam":
+            raise UsageError(f"--select-key taylor measures PAAM's gates' effect on the loss; "
+                             f"--method {args.method} has no such gates")
+        if args.keep is None:
+            raise UsageError("--select-key taylor needs a budget (--keep), not --mass/--target")
     if args.method in ("uniform", "random") and args.keep is None:
         raise UsageError(f"--method {args.method} needs --keep (the parameter budget)")
     if args.dataset != "digits" and not args.data:
@@ -324,7 +335,7 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     if args.fork_from is not None:
         if args.method not in ("paam", "slim"):
             raise UsageError(f"--fork-from forks a selection; --method {args.method} has none")
-        fork.check_source(args, args.fork_from)
+        fork.check_source(args, args.fork_from, vars(build_parser().parse_args([])))
     if args.latency_table is not None:
         if "latency" not in (args.select_cost, args.cost):
             raise UsageError("--latency-table is used only with --select-cost latency or "
@@ -662,7 +673,9 @@ class Run:
                                  else "filter", select_key=args.select_key,
                                  select_beta=args.select_beta,
                                  select_allocation=args.select_allocation,
-                                 latency=self.latency)
+                                 latency=self.latency,
+                                 importance=(self._taylor_importance
+                                             if args.select_key == "taylor" else None))
         self.epoch = 0
         self.global_step = 0
         self.history: list[dict] = []
@@ -871,6 +884,19 @@ class Run:
         _all_sum(loss_sum, self.d)
         _all_sum(correct, self.d)
         return float(loss_sum / tot), float(correct / tot), False
+
+    def _taylor_importance(self) -> list[torch.Tensor]:
+        """The Taylor key's values (:mod:`paam_fast.selection.taylor`) on the first
+        --taylor-batches batches of this epoch's training order; under DDP each rank measures
+        its own shard and the values are averaged, so every replica selects the same."""
+        from .selection.taylor import taylor_importance
+
+        batches = itertools.islice(iter(self.data.train), self.args.taylor_batches)
+        with torch.autocast(self.dev.type, torch.bfloat16, enabled=self.args.amp == "bf16"):
+            imp = taylor_importance(self.model, batches, channels_last=self.args.channels_last)
+        if self.d.world > 1:
+            imp = [_all_sum(v, self.d).div_(self.d.world) for v in imp]
+        return imp
 
     def recalibrate_bn(self) -> int:
         """Re-estimate BN running statistics on --bn-reestimate training batches; under DDP

@@ -97,18 +97,26 @@ def test_the_prediction_is_monotone_in_every_units_width():
 
 @pytest.mark.timing
 def test_a_measured_table_grows_with_width_along_its_grid():
+    """Along the grid (1, 8, 16 ... dense) every gated layer at its smallest width is cheaper
+    than at dense, and the network at quarter widths is predicted well below dense.  Timed on
+    the process's CPU clock (a preempted thread does not count) and retried three times: one
+    spike of another job on a shared machine must not fail it, a table that never grows does."""
     torch.set_num_threads(1)
     model = pf.paamify(pf.models.get_model("resnet20"))
-    table = latency_table(model, batch=16, grid=3, repeats=3, check=False, progress=False)
     ctrl = controller(model)
-    # along the grid (1, 8, 16 ... dense) every gated layer at its smallest width is cheaper
-    # than at dense, and the network at quarter widths is predicted well below dense
-    for g in table.grids:
-        assert g.ms[0][0] < g.ms[-1][-1]
     w = ctrl.structure.widths()
     for u in ctrl.units:
         w[u.id] = max(1, u.width // 4)
-    assert table.predict(ctrl.structure, w) < 0.9 * table.dense_ms
+    failures = []
+    for _ in range(3):
+        table = latency_table(model, batch=16, grid=3, repeats=3, check=False, progress=False,
+                              clock="cpu")
+        bad = [(g.ms[0][0], g.ms[-1][-1]) for g in table.grids if not g.ms[0][0] < g.ms[-1][-1]]
+        quarter = table.predict(ctrl.structure, w) / table.dense_ms
+        if not bad and quarter < 0.9:
+            return
+        failures.append((bad, quarter))
+    raise AssertionError(f"three tables failed (smallest vs dense ms, quarter/dense): {failures}")
 
 
 @pytest.mark.parametrize("keep", [0.35, 0.55, 0.8])

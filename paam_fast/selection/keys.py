@@ -9,6 +9,10 @@ power β (``beta``): β = 0 is the plain key, β = 1 the knapsack greedy (value 
   filter, so it is not comparable across units (a flat unit looks important, a wide one less).
 * ``"unit_mean"``: g divided by the mean g of its unit's alive filters: "how much more than its
   unit's typical filter", free of the max's width bias (the max of more samples is larger).
+* ``"taylor"``: the filter's first-order effect on the loss, ``|g·∂L/∂g|`` averaged over a few
+  training batches (:mod:`.taylor`), in loss units, so comparable across units.  It is not a
+  function of g: the caller measures it and passes it in place of the gates
+  (``select(..., key="taylor", importance=...)``); here it is taken as it is.
 """
 
 from __future__ import annotations
@@ -32,7 +36,14 @@ def unit_mean(g: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
     return (g.double() / mean.clamp_min(1e-30)).to(g.dtype)
 
 
-KEYS: dict[str, Key] = {"gate": gate, "unit_mean": unit_mean}
+def taylor(importance: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
+    """The measured importance itself (passed where the gates would be)."""
+    return importance
+
+
+KEYS: dict[str, Key] = {"gate": gate, "unit_mean": unit_mean, "taylor": taylor}
+# keys whose values are measured by the caller (select()'s ``importance=``), not computed from g
+MEASURED_KEYS = frozenset({"taylor"})
 
 
 def check_key(key: str, beta: float) -> None:
