@@ -16,6 +16,9 @@ SHARED_CIFAR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "da
                             "cifar10-jpeg.tar.gz")
 FIELDS = {"arch", "dataset", "method", "epochs", "top1", "params_dense", "params_final",
           "flops_dense", "flops_final", "per_layer", "wall_s", "device", "torch", "commit"}
+# tests of plumbing (resume, forks, logs, BN re-estimation), not of learning: 512 digits images,
+# 8 steps of 64 per epoch (a full-digits run is ~3x the time; CI must stay under 30 min)
+SMALL = ["--subset", "512", "--batch-size", "64"]
 
 
 def _report(out):
@@ -46,8 +49,8 @@ def test_embedded_default_two_epochs(tmp_path):
 @pytest.mark.parametrize("method", ["dense", "slim", "uniform", "random"])
 def test_baselines_run(tmp_path, method):
     out = str(tmp_path / method)
-    assert main(["--epochs", "2", "--method", method, "--out", out, "--quiet",
-                 "--keep", "0.5"]) == 0
+    assert main(["--epochs", "3", "--method", method, "--out", out, "--quiet",
+                 "--keep", "0.5", *SMALL]) == 0
     rep = _report(out)
     assert rep["method"] == method and rep["top1"] > 0.3
     if method == "dense":
@@ -99,19 +102,31 @@ def _final_state(out):
     return torch.load(os.path.join(out, "model.paam"), weights_only=True)["state_dict"]
 
 
-@pytest.mark.parametrize("stop_at", [30, 80])  # before the selection epoch / after compaction
-def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, stop_at):
-    common = ["--epochs", "4", "--select-epoch", "2", "--quiet", "--batch-size", "64"]
-    ref = str(tmp_path / "ref")
-    assert main(common + ["--out", ref]) == 0
+RESUME = ["--epochs", "4", "--select-epoch", "2", "--quiet", *SMALL]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    ref = str(tmp_path_factory.mktemp("resume") / "ref")
+    assert main(RESUME + ["--out", ref]) == 0
+    return ref
+
+
+# 8 steps per epoch, selection and compaction at the end of epoch 2 (step 16): the last
+# checkpoint before the cut is dense (step 12) / compacted, with momentum (step 28)
+@pytest.mark.parametrize("stop_at", [12, 28])
+def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, uninterrupted, stop_at):
     out = str(tmp_path / "cut")
-    assert main(common + ["--out", out, "--max-steps", str(stop_at)]) == 0
+    assert main(RESUME + ["--out", out, "--max-steps", str(stop_at)]) == 0
     assert not os.path.exists(os.path.join(out, "report.json"))
+    ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert ck["epoch"] == stop_at // 8
     assert main(["--out", out, "--resume", "--quiet"]) == 0
-    a, b = _final_state(ref), _final_state(out)
+    a, b = _final_state(uninterrupted), _final_state(out)
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    assert _metrics(out)[-1]["loss"] == _metrics(uninterrupted)[-1]["loss"]
 
 
 def test_ddp_two_processes_agree(tmp_path):
@@ -167,7 +182,7 @@ def _metrics(out):
 def test_bn_reestimation_before_the_evaluation_after_selection(tmp_path):
     out = str(tmp_path / "run")
     assert main(["--epochs", "2", "--select-epoch", "1", "--bn-reestimate", "5", "--out", out,
-                 "--quiet"]) == 0
+                 "--quiet", *SMALL]) == 0
     m = _metrics(out)
     assert m[0]["bn_reestimate_batches"] == 5
     assert 0 <= m[0]["eval_acc_before_bn"] <= 1 and 0 <= m[0]["eval_acc"] <= 1
@@ -176,7 +191,7 @@ def test_bn_reestimation_before_the_evaluation_after_selection(tmp_path):
     assert rep["bn_reestimate_batches"] == 5 and 0 <= rep["top1_before_bn"] <= 1
     out2 = str(tmp_path / "off")
     assert main(["--epochs", "2", "--select-epoch", "1", "--bn-reestimate", "0", "--out", out2,
-                 "--quiet"]) == 0
+                 "--quiet", *SMALL]) == 0
     assert "eval_acc_before_bn" not in _metrics(out2)[0]
     assert "top1_before_bn" not in _report(out2)
     # re-estimation touches the BN statistics only: the two runs train the same weights
@@ -205,11 +220,11 @@ def test_reestimate_bn_is_the_plain_average_over_the_batches():
 
 def test_retrain_trains_the_widths_of_a_paam_run_from_scratch(tmp_path):
     src = str(tmp_path / "paam")
-    assert main(["--epochs", "2", "--select-epoch", "1", "--keep", "0.4", "--out", src,
-                 "--quiet"]) == 0
+    assert main(["--epochs", "3", "--select-epoch", "1", "--keep", "0.4", "--out", src,
+                 "--quiet", *SMALL]) == 0
     rep = _report(src)
     out = str(tmp_path / "retrain")
-    assert main(["--epochs", "2", "--retrain", src, "--out", out, "--quiet"]) == 0
+    assert main(["--epochs", "3", "--retrain", src, "--out", out, "--quiet", *SMALL]) == 0
     again = _report(out)
     assert again["method"] == "retrain" and again["widths"] == rep["widths"]
     assert again["params_final"] == rep["params_final"]
@@ -221,7 +236,8 @@ def test_retrain_trains_the_widths_of_a_paam_run_from_scratch(tmp_path):
     path = tmp_path / "old.json"
     path.write_text(json.dumps(old))
     out2 = str(tmp_path / "retrain2")
-    assert main(["--epochs", "1", "--retrain", str(path), "--out", out2, "--quiet"]) == 0
+    assert main(["--epochs", "1", "--retrain", str(path), "--out", out2, "--quiet",
+                 *SMALL]) == 0
     assert _report(out2)["widths"] == rep["widths"]
 
 
@@ -282,7 +298,7 @@ def test_a_failed_start_leaves_nothing_that_blocks_its_rerun(tmp_path, capsys):
 def test_a_log_gets_one_line_per_epoch_not_progress_bars(tmp_path):
     out = str(tmp_path / "x")
     res = subprocess.run([sys.executable, "-m", "paam_fast.train", "--epochs", "2", "--out", out,
-                          "--max-steps", "30"], capture_output=True, text=True,
+                          "--max-steps", "12", *SMALL], capture_output=True, text=True,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr
     assert "\r" not in res.stderr and "it/s" not in res.stderr
@@ -292,7 +308,7 @@ def test_a_log_gets_one_line_per_epoch_not_progress_bars(tmp_path):
 def test_a_fork_with_the_sources_selection_is_the_source_run_and_others_branch(tmp_path,
                                                                                capsys):
     src = str(tmp_path / "src")
-    common = ["--epochs", "3", "--select-epoch", "1", "--max-steps", "50", "--quiet"]
+    common = ["--epochs", "3", "--select-epoch", "1", "--max-steps", "20", "--quiet", *SMALL]
     # --max-steps stops inside epoch 3: compare at the last checkpoint, the end of epoch 2
     assert main(common + ["--keep", "0.5", "--out", src]) == 0
     assert os.path.exists(os.path.join(src, "presel.pt"))
