@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
       "of this model on this device, instead of measuring one at the start")
     a("--latency-batch", type=int, default=1, help="the batch size the latency table is "
       "measured at (the inference batch a latency budget is for)")
-    a("--latency-fit", default="rest", choices=["rest", "scale"], help="how a measured latency "
+    a("--latency-fit", default="scale", choices=["rest", "scale"], help="how a measured latency "
       "table turns its layers into the network's latency: rest = dense minus the layers' sum is "
       "fixed; scale = fixed and a scale fitted to the dense and half-width networks (ours; "
       "paam_fast.latency)")

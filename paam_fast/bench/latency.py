@@ -72,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--coupling", default="internal", choices=["internal", "grouped"],
                     help="grouped: residual channels are units too (lower budgets reachable)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--fit", default="rest", choices=["rest", "scale"],
+    ap.add_argument("--fit", default="scale", choices=["rest", "scale"],
                     help="rest: fixed = dense minus the layers' sum; scale: fixed and a scale "
                     "fitted to the dense and half-width networks (paam_fast.latency)")
     ap.add_argument("--clock", default="wall", choices=["wall", "cpu"],
