@@ -51,6 +51,12 @@ GRIDS = {
         # equal MACs: the budget in MACs, for PAAM and for uniform thinning
         ("uniform flops=0.3", ["--method", "uniform", "--select-cost", "flops"]),
         ("paam flops=0.3", [*_FORK, "--select-cost", "flops"]),
+        # at most uniform's MACs *and* (if the key spreads the cut) at most its parameters: the
+        # network must then beat uniform thinning at keep 0.3 on both axes at once
+        ("paam key=taylor flops=0.3", [*_FORK, "--select-key", "taylor", "--select-cost",
+                                       "flops"]),
+        ("paam key=unit_mean flops=0.3", [*_FORK, "--select-key", "unit_mean", "--select-cost",
+                                          "flops"]),
         # the uniform curve: its accuracy against params and MACs at more budgets
         ("uniform keep=0.15", ["--method", "uniform", "--keep", "0.15"]),
         ("uniform keep=0.5", ["--method", "uniform", "--keep", "0.5"]),
