@@ -57,6 +57,11 @@ GRIDS = {
                                        "flops"]),
         ("paam key=unit_mean flops=0.3", [*_FORK, "--select-key", "unit_mean", "--select-cost",
                                           "flops"]),
+        # both budgets at once: at most uniform thinning's params and its MACs at keep 0.3
+        ("paam key=taylor both=0.3", [*_FORK, "--select-key", "taylor", "--select-cost",
+                                      "params+flops"]),
+        ("paam key=unit_mean both=0.3", [*_FORK, "--select-key", "unit_mean", "--select-cost",
+                                         "params+flops"]),
         # the uniform curve: its accuracy against params and MACs at more budgets
         ("uniform keep=0.15", ["--method", "uniform", "--keep", "0.15"]),
         ("uniform keep=0.5", ["--method", "uniform", "--keep", "0.5"]),

@@ -111,9 +111,9 @@ class Pruner:
         if cost not in ("uniform", "params", "flops", "latency"):
             raise ValueError(f"cost must be 'uniform', 'params', 'flops' or 'latency', got "
                              f"{cost!r}")
-        if select_cost not in ("params", "flops", "latency"):
-            raise ValueError(f"select_cost must be 'params', 'flops' or 'latency', got "
-                             f"{select_cost!r}")
+        if select_cost not in ("params", "flops", "latency", "params+flops"):
+            raise ValueError(f"select_cost must be 'params', 'flops', 'latency' or "
+                             f"'params+flops', got {select_cost!r}")
         if "latency" in (cost, select_cost):
             if latency is None:
                 raise ValueError("cost or select_cost 'latency' needs latency=<a LatencyTable "
@@ -193,6 +193,8 @@ class Pruner:
                      beta=self.select_kw["beta"], latency=self.select_kw["latency"])
         if self.select_cost == "params":
             return sel.params / sel.dense_params
+        if self.select_cost == "params+flops":  # the binding one of the two
+            return max(sel.params / sel.dense_params, sel.flops / max(sel.dense_flops, 1))
         if self.select_cost == "latency":
             return sel.latency_ms / sel.dense_latency_ms
         return sel.flops / max(sel.dense_flops, 1)

@@ -152,8 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--cost", default="uniform", choices=["uniform", "params", "flops", "latency"],
       help="per-filter cost in the penalty (latency: a filter's predicted ms, from the latency "
            "table)")
-    a("--select-cost", default="params", choices=["params", "flops", "latency"],
-      help="what --keep and --target are fractions of (latency: the dense network's latency "
+    a("--select-cost", default="params", choices=["params", "flops", "latency", "params+flops"],
+      help="what --keep and --target are fractions of (params+flops: both at once, the network "
+           "at most that fraction of dense in parameters and in MACs; latency: the dense "
+           "network's latency "
            "predicted by a table measured on the training device at the start, or read from "
            "--latency-table; saved in --out as latency_table.json)")
     a("--latency-table", default=None, metavar="FILE", help="a latency table (paam_fast.latency) "
@@ -364,6 +366,9 @@ def _check_torch_pruning(args) -> None:
     if args.mass is not None or args.target is not None:
         raise UsageError("--method torch-pruning prunes to a budget: --keep, not --mass or "
                          "--target")
+    if args.select_cost not in ("params", "flops"):
+        raise UsageError(f"--method torch-pruning searches its global ratio on params or flops, "
+                         f"not --select-cost {args.select_cost}")
     if args.cuda_graphs:
         raise UsageError("--method torch-pruning cannot run with --cuda-graphs: its regularizer "
                          "reads the host after every backward")

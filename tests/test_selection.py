@@ -116,3 +116,49 @@ def test_random_widths_fit_the_budget_differ_by_seed_and_repeat_per_seed():
         assert budget * 0.9 <= ctrl.structure.params(full) <= budget
         seen.add(tuple(w.values()))
     assert len(seen) == 5
+
+
+# --------------------------------------------------------------------------- params+flops
+def _resnet20_units(seed=0):
+    import paam_fast as pf
+    from paam_fast.paamify import controller
+
+    model = pf.paamify(pf.models.resnet20(), input_size=(1, 3, 32, 32))
+    ctrl = controller(model)
+    g = torch.Generator().manual_seed(seed)
+    # gates that favour the early, MAC-heavy stages (what the default key does)
+    gates = [torch.rand(u.width, generator=g) * (1.0 if u.width == 16 else 0.3)
+             for u in ctrl.units]
+    alive = [torch.ones(u.width, dtype=torch.bool) for u in ctrl.units]
+    return ctrl, gates, alive
+
+
+def test_a_joint_budget_holds_params_and_macs_and_binds_one_of_them():
+    ctrl, gates, alive = _resnet20_units()
+    st = ctrl.structure
+    kw = dict(keep=0.3, round_to=1)
+    by_params = choose(ctrl.units, gates, alive, st, ctrl.widths(), cost="params", **kw)
+    both = choose(ctrl.units, gates, alive, st, ctrl.widths(), cost="params+flops", **kw)
+    assert by_params.flops > 0.3 * by_params.dense_flops  # a params budget buys MACs here
+    assert both.params <= 0.3 * both.dense_params and both.flops <= 0.3 * both.dense_flops
+    assert both.budget == {"params": int(0.3 * both.dense_params),
+                           "flops": int(0.3 * both.dense_flops)}
+    # greedy in the same order: the joint selection is a prefix of the params one, stopped
+    # where the MACs budget binds (within one filter's MACs of it)
+    for name, a in both.alive.items():
+        assert bool((a <= by_params.alive[name]).all())
+    assert both.flops > 0.3 * both.dense_flops - 300_000  # a stage-1 filter: ≤ 295k MACs
+    with pytest.raises(ValueError, match="not params\\+flops"):
+        choose(ctrl.units, gates, alive, st, ctrl.widths(), cost="params+flops", beta=1, **kw)
+
+
+def test_uniform_widths_under_a_joint_budget_hold_both():
+    from paam_fast.selection.uniform import uniform_widths
+
+    ctrl, _, _ = _resnet20_units()
+    st = ctrl.structure
+    w = uniform_widths(ctrl.units, st, 0.3, "params+flops")
+    assert st.params(w) <= 0.3 * st.params(st.widths())
+    assert st.macs(w) <= 0.3 * st.macs(st.widths())
+    assert w == uniform_widths(ctrl.units, st, 0.3, "params") or \
+        w == uniform_widths(ctrl.units, st, 0.3, "flops")

@@ -1,5 +1,6 @@
 """The Taylor selection key: |g·∂L/∂g| against a float64 finite difference, the model left as it
-was, select()/Pruner/CLI plumbing, and forks of runs made before the option existed."""
+was, select()/Pruner/CLI plumbing (with a params+flops budget), and forks of runs made before
+the option existed."""
 
 import json
 import os
@@ -157,6 +158,13 @@ def test_paam_train_taylor_key_fork_and_refusals(tmp_path, capsys):
     assert rep["params_final"] <= 0.5 * rep["params_dense"]
     widths = lambda r: [x["filters_final"] for x in r["per_layer"]]  # noqa: E731
     assert widths(rep) != widths(rep_src)  # another key, another allocation
+    # at most half of dense in parameters and in MACs at once
+    both = str(tmp_path / "both")
+    assert main(common + ["--fork-from", src, "--select-key", "taylor", "--taylor-batches", "2",
+                          "--select-cost", "params+flops", "--out", both]) == 0
+    rep = _report(both)
+    assert rep["params_final"] <= 0.5 * rep["params_dense"]
+    assert rep["flops_final"] <= 0.5 * rep["flops_dense"]
     for argv, msg in ((["--method", "slim", "--select-key", "taylor"], "has no such gates"),
                       (["--select-key", "taylor", "--mass", "0.9"], "needs a budget"),
                       (["--taylor-batches", "0"], "--taylor-batches must be")):

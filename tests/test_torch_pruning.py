@@ -201,6 +201,8 @@ def test_without_torch_pruning_exit_2_and_paam_fast_still_imports(tmp_path, caps
     (["--target", "0.5"], "--method torch-pruning prunes to a budget"),
     (["--mass", "0.9"], "--method torch-pruning prunes to a budget"),
     (["--cuda-graphs"], "--method torch-pruning cannot run with --cuda-graphs"),
+    (["--select-cost", "params+flops"], "searches its global ratio on params or flops"),
+    (["--select-cost", "latency"], "searches its global ratio on params or flops"),
 ])
 def test_options_it_cannot_honour_exit_2(tmp_path, capsys, argv, msg):
     assert main(["--method", "torch-pruning", "--epochs", "1", "--quiet",

@@ -8,7 +8,7 @@ import torch
 
 from ..graph import Space, Structure
 from .budget import fill_budget, mass_counts
-from .costs import cost_model, step_costs
+from .costs import Joint, JointCost, cost_model, step_costs
 from .groups import collapse, masks, round_up
 from .keys import check_key, rank_values
 from .result import Selection
@@ -28,15 +28,19 @@ def _check(units, gates, keep, mass, min_keep, round_to) -> None:
                              "network diverged: lower the learning rate or λ")
 
 
-def _budget(keep: float, dense_total: int | float) -> int | float:
-    """``keep`` of the dense cost: counts (params, MACs) floored to a whole count, a latency
-    (ms) kept as it is."""
+def _budget(keep: float, dense_total):
+    """``keep`` of the dense cost: counts (params, MACs, both) floored to whole counts, a
+    latency (ms) kept as it is."""
+    if isinstance(dense_total, Joint):
+        return (keep * dense_total).floor()
     if isinstance(dense_total, int):
         return int(math.floor(keep * dense_total))
     return keep * dense_total
 
 
-def _amount(x: int | float, cost: str, unit: bool = True) -> str:
+def _amount(x, cost: str, unit: bool = True) -> str:
+    if isinstance(x, Joint):
+        return f"{x.parts[0]:,} params and {x.parts[1]:,} MACs"
     if cost == "latency":
         return f"{x:.4g} ms"
     return f"{x:,} {cost}" if unit else f"{x:,}"
@@ -86,6 +90,9 @@ def choose(units: list[Space], gates: list[torch.Tensor], alive: list[torch.Tens
     """
     model = cost_model(structure, cost, latency)
     check_key(key, beta)
+    if beta and isinstance(model, JointCost):
+        raise ValueError("beta > 0 divides by one filter's cost: give one cost (params or "
+                         "flops), not params+flops")
     if allocation not in ("global", "uniform"):
         raise ValueError(f"allocation must be 'global' or 'uniform', got {allocation!r}")
     if allocation == "uniform" and keep is None:
@@ -123,6 +130,8 @@ def choose(units: list[Space], gates: list[torch.Tensor], alive: list[torch.Tens
     lat = {}
     if cost == "latency":
         lat = {"latency_ms": model.total(w), "dense_latency_ms": model.total(dense_w)}
+    if isinstance(budget, Joint):
+        budget = dict(zip(("params", "flops"), budget.parts))
     return Selection(alive=masks(units, steps, alive, rank, w), params=structure.params(w),
                      flops=structure.macs(w), dense_params=structure.params(dense_w),
                      dense_flops=structure.macs(dense_w), budget=budget,

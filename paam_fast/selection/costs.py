@@ -6,10 +6,14 @@ changes (its producers and its consumers).  The budget search adds a filter by r
 local part before and after, so the count stays exact (a filter's cost depends on its
 neighbours' widths) without recounting the whole model.  ``"latency"`` (:class:`LatencyCost`)
 answers them from a table measured on the target device (:mod:`paam_fast.latency`), in ms.
+``"params+flops"`` (:class:`JointCost`) counts both at once: its totals are :class:`Joint`
+pairs, and a budget holds only when both parts do (a network at most as large *and* at most as
+costly as a given fraction of dense: what uniform thinning is at that fraction).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -47,6 +51,56 @@ class StructureCost:
         return lambda w: sum(c.macs(w) for c in touching)
 
 
+@dataclass(frozen=True)
+class Joint:
+    """Several counts at once.  ``a > b`` when any part of ``a`` exceeds ``b``'s (a budget is
+    broken), ``a <= b`` when none does; sums and differences part by part, and ``k * a`` scales
+    every part, so the budget searches run unchanged on it."""
+
+    parts: tuple
+
+    def __add__(self, other: Joint) -> Joint:
+        return Joint(tuple(a + b for a, b in zip(self.parts, other.parts)))
+
+    def __sub__(self, other: Joint) -> Joint:
+        return Joint(tuple(a - b for a, b in zip(self.parts, other.parts)))
+
+    def __rmul__(self, k: float) -> Joint:
+        return Joint(tuple(k * a for a in self.parts))
+
+    def __gt__(self, other: Joint) -> bool:
+        return any(a > b for a, b in zip(self.parts, other.parts))
+
+    def __le__(self, other: Joint) -> bool:
+        return not self > other
+
+    def floor(self) -> Joint:
+        return Joint(tuple(int(math.floor(a)) for a in self.parts))
+
+
+@dataclass
+class JointCost:
+    """Parameters and MACs together (``"params+flops"``): totals are ``Joint((params, MACs))``."""
+
+    structure: Structure
+    _parts: tuple = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self._parts = (StructureCost(self.structure, "params"),
+                       StructureCost(self.structure, "flops"))
+
+    @property
+    def name(self) -> str:
+        return "params+flops"
+
+    def total(self, w: Widths) -> Joint:
+        return Joint(tuple(p.total(w) for p in self._parts))
+
+    def local(self, space_id: int) -> Callable[[Widths], Joint]:
+        fs = [p.local(space_id) for p in self._parts]
+        return lambda w: Joint(tuple(f(w) for f in fs))
+
+
 @dataclass
 class LatencyCost:
     """Predicted latency in ms (a :class:`~paam_fast.latency.LatencyTable`): ``total(w)`` is the
@@ -75,15 +129,17 @@ class LatencyCost:
         return lambda w: scale * sum(b.ms(w) for b in touching)
 
 
-COSTS = ("params", "flops", "latency")
+COSTS = ("params", "flops", "latency", "params+flops")
 
 
 def cost_model(structure: Structure, cost: str, latency: LatencyTable | None = None
-               ) -> StructureCost | LatencyCost:
-    """The cost model named ``cost`` over ``structure``: "params", "flops", or "latency" (with
-    ``latency``, a table measured for this model)."""
+               ) -> StructureCost | LatencyCost | JointCost:
+    """The cost model named ``cost`` over ``structure``: "params", "flops", "params+flops", or
+    "latency" (with ``latency``, a table measured for this model)."""
     if cost not in COSTS:
         raise ValueError(f"selection cost must be one of {COSTS}, got {cost!r}")
+    if cost == "params+flops":
+        return JointCost(structure)
     if cost == "latency":
         if latency is None:
             raise ValueError("cost='latency' needs latency=<a LatencyTable for this model> "

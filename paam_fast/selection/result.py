@@ -11,8 +11,9 @@ import torch
 @dataclass(frozen=True)
 class Selection:
     """What a selection decided.  ``alive``: per unit name, a (F,) bool mask; ``params`` and
-    ``flops``: the model's counts at the kept widths; ``budget``: the target count (budget mode;
-    ms under ``cost="latency"``, where ``latency_ms`` and ``dense_latency_ms`` hold the table's
+    ``flops``: the model's counts at the kept widths; ``budget``: the target count (budget
+    mode; {"params": …, "flops": …} under ``cost="params+flops"``; ms under
+    ``cost="latency"``, where ``latency_ms`` and ``dense_latency_ms`` hold the table's
     predictions at the kept and the dense widths)."""
 
     alive: dict[str, torch.Tensor]
@@ -20,7 +21,7 @@ class Selection:
     flops: int
     dense_params: int
     dense_flops: int
-    budget: int | float | None
+    budget: int | float | dict | None
     mode: str
     latency_ms: float | None = None
     dense_latency_ms: float | None = None
