@@ -62,6 +62,14 @@ GRIDS = {
                                       "params+flops"]),
         ("paam key=unit_mean both=0.3", [*_FORK, "--select-key", "unit_mean", "--select-cost",
                                          "params+flops"]),
+        # ranked in that order the MAC part binds first and parameters stay unspent (Taylor:
+        # 12.5% params at 29.4% MACs); value per cost, the two parts weighed so that both bind
+        # (selection/balance.py), lands at ~0.3 of each: uniform thinning's point
+        ("paam key=taylor both=0.3 beta=1", [*_FORK, "--select-key", "taylor", "--select-cost",
+                                             "params+flops", "--select-beta", "1"]),
+        ("paam key=unit_mean both=0.3 beta=1", [*_FORK, "--select-key", "unit_mean",
+                                                "--select-cost", "params+flops",
+                                                "--select-beta", "1"]),
         # the uniform curve: its accuracy against params and MACs at more budgets
         ("uniform keep=0.15", ["--method", "uniform", "--keep", "0.15"]),
         ("uniform keep=0.5", ["--method", "uniform", "--keep", "0.5"]),

@@ -127,6 +127,9 @@ class Pruner:
         if balance == "budget" and keep is None and target is None:
             raise ValueError("balance='budget' needs keep= or target= (the budget it aims at)")
         check_key(select_key, select_beta)
+        if select_beta and select_cost == "params+flops" and keep is None:
+            raise ValueError("select_beta > 0 with select_cost='params+flops' weighs the two "
+                             "parts against a budget: give keep=")
         if select_key in MEASURED_KEYS:
             if importance is None:
                 raise ValueError(f"select_key={select_key!r} needs importance= (a function "

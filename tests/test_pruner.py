@@ -64,6 +64,8 @@ def test_pruner_rejects_bad_settings():
         pf.Pruner(model, None, epochs=10, after_select="later")
     with pytest.raises(ValueError, match="select_epoch"):
         pf.Pruner(model, None, epochs=10, select_epoch=11)
+    with pytest.raises(ValueError, match="give keep="):
+        pf.Pruner(model, None, epochs=10, target=0.3, select_cost="params+flops", select_beta=1)
 
 
 def test_param_groups_score_lr():

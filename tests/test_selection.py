@@ -148,8 +148,47 @@ def test_a_joint_budget_holds_params_and_macs_and_binds_one_of_them():
     for name, a in both.alive.items():
         assert bool((a <= by_params.alive[name]).all())
     assert both.flops > 0.3 * both.dense_flops - 300_000  # a stage-1 filter: ≤ 295k MACs
-    with pytest.raises(ValueError, match="not params\\+flops"):
-        choose(ctrl.units, gates, alive, st, ctrl.widths(), cost="params+flops", beta=1, **kw)
+    with pytest.raises(ValueError, match="give keep="):
+        choose(ctrl.units, gates, alive, st, ctrl.widths(), cost="params+flops", beta=1,
+               mass=0.9)
+
+
+@pytest.mark.parametrize("key", ["gate", "unit_mean"])
+def test_joint_budget_with_beta_spends_both_parts(key):
+    # gates that favour the MAC-heavy stage: beta = 0 stops where MACs bind, far below the
+    # parameter budget; beta = 1 weighs the two so that both end within a few % of it
+    ctrl, gates, alive = _resnet20_units()
+    st = ctrl.structure
+    kw = dict(keep=0.3, round_to=1, cost="params+flops", key=key)
+    plain = choose(ctrl.units, gates, alive, st, ctrl.widths(), **kw)
+    both = choose(ctrl.units, gates, alive, st, ctrl.widths(), beta=1.0, **kw)
+    fp, fm = both.params / both.dense_params, both.flops / both.dense_flops
+    assert fp <= 0.3 and fm <= 0.3
+    assert min(fp, fm) > 0.28, (fp, fm)
+    if key == "gate":  # the gate key's plain ranking left parameters unspent
+        assert plain.params / plain.dense_params < 0.25 < fp
+
+
+def test_joint_beta_weight_goes_where_the_parts_balance():
+    from paam_fast.selection.balance import balanced_fill
+    from paam_fast.selection.costs import Joint
+
+    class Model:  # "widths" here are the (params, MACs) used
+        def total(self, w):
+            return Joint((w[0], w[1]))
+
+    seen = []
+
+    def fill(costs):
+        a = costs[0]
+        seen.append(a)
+        return ({0: 100 * min(1.0, 1.3 - a), 1: 100 * min(1.0, 0.7 + a)},)
+
+    # weighing parameters more (larger a) spends fewer of them: the parts meet at a = 0.3
+    # (one filter costing 100 params of a 100-param budget, no MACs: its weighted cost is a)
+    res = balanced_fill(fill, [(100.0, 0.0)], Joint((100, 100)), Model())
+    assert min(res[-1].values()) > 99.9  # both parts spent
+    assert seen[0] == 0.5 and abs(seen[-1] - 0.3) < 1e-3
 
 
 def test_uniform_widths_under_a_joint_budget_hold_both():

@@ -7,6 +7,7 @@ import math
 import torch
 
 from ..graph import Space, Structure
+from .balance import balanced_fill, part_step_costs
 from .budget import fill_budget, mass_counts
 from .costs import Joint, JointCost, cost_model, step_costs
 from .groups import collapse, masks, round_up
@@ -81,7 +82,9 @@ def choose(units: list[Space], gates: list[torch.Tensor], alive: list[torch.Tens
         keep / mass: exactly one; cost: "params", "flops" or "latency" (what ``keep`` is a
             fraction of); latency: the :class:`~paam_fast.latency.LatencyTable` of this model
             (needed by, and only used with, ``cost="latency"``).
-        key, beta: what filters are ranked by (:mod:`paam_fast.selection.keys`).
+        key, beta: what filters are ranked by (:mod:`paam_fast.selection.keys`).  Under
+            ``cost="params+flops"`` a filter's cost for ``beta`` weighs its parameters and MACs
+            so that both parts of the budget bind (:mod:`paam_fast.selection.balance`).
         allocation: "global" (one ranking over all units decides the widths) or "uniform"
             (budget mode: the widths of the uniform baseline, each unit keeping its own best
             filters by the key: a control that separates allocation from the pipeline).
@@ -90,40 +93,58 @@ def choose(units: list[Space], gates: list[torch.Tensor], alive: list[torch.Tens
     """
     model = cost_model(structure, cost, latency)
     check_key(key, beta)
-    if beta and isinstance(model, JointCost):
-        raise ValueError("beta > 0 divides by one filter's cost: give one cost (params or "
-                         "flops), not params+flops")
+    joint_beta = bool(beta) and isinstance(model, JointCost)
+    if joint_beta and keep is None:
+        raise ValueError("beta > 0 under cost='params+flops' weighs the two parts against a "
+                         "budget: give keep=, not mass=")
     if allocation not in ("global", "uniform"):
         raise ValueError(f"allocation must be 'global' or 'uniform', got {allocation!r}")
     if allocation == "uniform" and keep is None:
         raise ValueError("allocation='uniform' needs a budget (keep=)")
     _check(units, gates, keep, mass, min_keep, round_to)
     mult = [getattr(u, "groups", 1) for u in units]
-    fcost = step_costs(model, units, widths, mult) if beta else None
-    steps = collapse(units, rank_values(key, gates, alive, fcost, beta), alive)
-    n_alive = [int(a.sum()) for a in steps.alive]
+    n_alive = [int(a.sum()) for a in collapse(units, gates, alive).alive]
     floors = [min(n, max(1, math.ceil(min_keep * u.width / gm)))
               for u, n, gm in zip(units, n_alive, mult)]
-    rank = [torch.argsort(torch.where(a, v.double(), -math.inf), descending=True,
-                          stable=True)[:n] for v, a, n in zip(steps.values, steps.alive, n_alive)]
     # round_to applies to the width G·count: the count a multiple of round_to / gcd(round_to, G)
     per = [round_to // math.gcd(round_to, gm) for gm in mult]
 
     def width(i: int, c: int) -> int:
         return mult[i] * round_up(c, per[i], n_alive[i])
 
+    def ranked(fcost):
+        steps = collapse(units, rank_values(key, gates, alive, fcost, beta), alive)
+        rank = [torch.argsort(torch.where(a, v.double(), -math.inf), descending=True,
+                              stable=True)[:n] for v, a, n in zip(steps.values, steps.alive,
+                                                                  n_alive)]
+        return steps, rank
+
     w = dict(widths)
     budget = None
-    if allocation == "uniform":
+    if allocation == "uniform":  # the key orders filters inside a unit: any cost^beta will do
+        steps, rank = ranked([1.0] * len(units) if beta else None)
         budget = _budget(keep, model.total(structure.widths()))
         uw = uniform_widths(units, structure, keep, cost, round_to, latency)
         w.update({u.id: min(uw[u.id], mult[i] * n_alive[i]) for i, u in enumerate(units)})
     elif keep is not None:
         budget = _start_at_floors(units, keep, cost, min_keep, round_to, model, structure,
                                   width, floors, w)
-        count = fill_budget(units, steps.values, rank, floors, width, model, budget, w)
-        w.update({u.id: width(i, count[i]) for i, u in enumerate(units)})
+        at_floors = dict(w)
+
+        def fill(fcost):
+            steps, rank = ranked(fcost)
+            wf = dict(at_floors)
+            count = fill_budget(units, steps.values, rank, floors, width, model, budget, wf)
+            wf.update({u.id: width(i, count[i]) for i, u in enumerate(units)})
+            return steps, rank, wf
+
+        if joint_beta:
+            steps, rank, w = balanced_fill(fill, part_step_costs(model, units, widths, mult),
+                                           budget, model)
+        else:
+            steps, rank, w = fill(step_costs(model, units, widths, mult) if beta else None)
     else:
+        steps, rank = ranked(step_costs(model, units, widths, mult) if beta else None)
         count = mass_counts(steps.values, steps.alive, mult, floors, mass)
         w.update({u.id: width(i, count[i]) for i, u in enumerate(units)})
     dense_w = structure.widths()
