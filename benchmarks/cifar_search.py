@@ -36,6 +36,10 @@ BASE_PROXY2 = ["--arch", "resnet20", "--val", "5000", "--keep", "0.3", "--round-
 BASES = {"cpu-small": BASE_CPU, "proxy": BASE_PROXY, "proxy2": BASE_PROXY2}
 # forks: the same seed's PAAM run's pre-selection state, another selection rule
 _FORK = ["--fork-from", "{runs}/paam-s{seed}"]
+# measured by: OMP_NUM_THREADS=1 python -m paam_fast.bench.latency --arch resnet20 --size 32
+#   --batch 256 --num-classes 10 --round-to 1 --channels-last --keeps 0.5 --save-table <it>
+# (relative to the source tree the runs start in)
+_LATENCY_TABLE = "results/latency/resnet20-b256-cl-1thread.json"
 GRIDS = {
     "proxy2": [
         ("dense", ["--method", "dense"]),
@@ -70,6 +74,16 @@ GRIDS = {
         ("paam key=unit_mean both=0.3 beta=1", [*_FORK, "--select-key", "unit_mean",
                                                 "--select-cost", "params+flops",
                                                 "--select-beta", "1"]),
+        # issue 20: half the latency of dense ResNet20 at batch 256 (channels_last, 1 thread,
+        # this CPU), by one table measured once on an idle machine and committed, so PAAM and
+        # uniform aim at the same predicted budget; their exported networks are timed after
+        ("uniform latency=0.5", ["--method", "uniform", "--select-cost", "latency", "--keep",
+                                 "0.5", "--latency-table", _LATENCY_TABLE]),
+        ("paam latency=0.5", [*_FORK, "--select-cost", "latency", "--keep", "0.5",
+                              "--latency-table", _LATENCY_TABLE]),
+        ("paam key=taylor latency=0.5", [*_FORK, "--select-key", "taylor", "--select-cost",
+                                         "latency", "--keep", "0.5", "--latency-table",
+                                         _LATENCY_TABLE]),
         # the uniform curve: its accuracy against params and MACs at more budgets
         ("uniform keep=0.15", ["--method", "uniform", "--keep", "0.15"]),
         ("uniform keep=0.5", ["--method", "uniform", "--keep", "0.5"]),

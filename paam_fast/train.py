@@ -44,7 +44,7 @@ from .peers import torch_pruning as tp_peer
 from .provenance import environment, file_sha256, tensor_digest
 from .pruner import DEFAULT_LAMBDA, Pruner
 from .report import report
-from .selection import random_alive, uniform_alive
+from .selection import choose, random_alive, uniform_alive
 from .step import TrainStep
 
 __all__ = ["Recipe", "RECIPES", "build_parser", "main", "run"]
@@ -643,11 +643,15 @@ class Run:
                 raise UsageError(str(e)) from None
         if args.method in ("uniform", "random"):  # thinned from the first step, trained as is
             ctrl = controller(self.model)
-            alive = (uniform_alive(ctrl.units, ctrl.structure, args.keep, args.select_cost,
-                                   args.round_to, latency=self.latency)
-                     if args.method == "uniform" else
-                     random_alive(ctrl.units, ctrl.structure, args.keep, args.select_cost,
-                                  args.round_to, seed=args.seed, latency=self.latency))
+            try:
+                alive = (uniform_alive(ctrl.units, ctrl.structure, args.keep, args.select_cost,
+                                       args.round_to, latency=self.latency)
+                         if args.method == "uniform" else
+                         random_alive(ctrl.units, ctrl.structure, args.keep, args.select_cost,
+                                      args.round_to, seed=args.seed, latency=self.latency))
+            except ValueError as e:
+                raise UsageError(f"--keep {args.keep} (of --select-cost {args.select_cost}): "
+                                 f"{e}") from None
             apply_masks(self.model, alive)
             compact(self.model)
         elif args.method == "retrain":  # a PAAM run's widths, thinned and trained as uniform is
@@ -665,6 +669,8 @@ class Run:
         self._lr_lambdas = lambdas
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambdas)
         self.pruner = None
+        if args.method in ("paam", "slim") and args.keep is not None:
+            self._check_budget()
         if args.method in ("paam", "slim"):
             self.pruner = Pruner(self.model, self.optimizer, epochs=args.epochs, lam=args.lam,
                                  keep=args.keep, mass=args.mass, target=args.target,
@@ -686,6 +692,19 @@ class Run:
         self.history: list[dict] = []
         self.score_hist: list[dict] = []
         self._wrap()
+
+    def _check_budget(self) -> None:
+        """Refuse, before any training, a budget the selection could never meet (the parts no
+        selection removes, or every unit's floor, already over it): whether it can depends on
+        the network's counts, not on the scores, so any gates will do."""
+        args, ctrl = self.args, controller(self.model)
+        try:
+            choose(ctrl.units, [torch.ones(u.width) for u in ctrl.units], ctrl.masks(),
+                   ctrl.structure, ctrl.widths(), keep=args.keep, cost=args.select_cost,
+                   min_keep=args.min_keep, round_to=args.round_to, latency=self.latency)
+        except ValueError as e:
+            raise UsageError(f"--keep {args.keep} (of --select-cost {args.select_cost}): "
+                             f"{e}") from None
 
     def _latency_table(self):
         """The run's latency table: --latency-table, the one this run saved (a resume), or one

@@ -262,6 +262,9 @@ def test_new_options_reach_the_model_and_the_scheduler():
     (["--retrain", "/nonexistent/run"], "cannot read a report.json"),
     (["--penalty-balance", "budget", "--mass", "0.9"], "needs a budget"),
     (["--bn-reestimate", "-1"], "--bn-reestimate must be"),
+    # budgets no selection can meet: refused before training, not at the selection epoch
+    (["--method", "uniform", "--keep", "0.001", "--round-to", "1"], "even one filter"),
+    (["--keep", "0.001", "--round-to", "1"], "no selection can remove"),
 ])
 def test_bad_new_options_exit_2(tmp_path, capsys, argv, msg):
     assert main(argv + ["--out", str(tmp_path / "x"), "--epochs", "1", "--quiet"]) == 2
