@@ -61,6 +61,9 @@ GRIDS = {
                                        "flops"]),
         ("paam key=unit_mean flops=0.3", [*_FORK, "--select-key", "unit_mean", "--select-cost",
                                           "flops"]),
+        # value per MAC (the knapsack greedy of a MAC budget): the late, MAC-cheap filters first
+        ("paam key=taylor flops=0.3 beta=1", [*_FORK, "--select-key", "taylor", "--select-cost",
+                                              "flops", "--select-beta", "1"]),
         # both budgets at once: at most uniform thinning's params and its MACs at keep 0.3
         ("paam key=taylor both=0.3", [*_FORK, "--select-key", "taylor", "--select-cost",
                                       "params+flops"]),
