@@ -363,3 +363,15 @@ def test_pruner_target_measures_the_kept_fraction_in_latency():
     assert frac == pytest.approx(sel.latency_ms / sel.dense_latency_ms) and 0 < frac <= 1
     ev = pruner.epoch_end(0)
     assert ev[0]["event"] == "lambda" and ev[0]["kept_fraction_mass"] == pytest.approx(frac)
+
+
+def test_the_latency_benchmark_times_the_dtype_asked(tmp_path, monkeypatch):
+    from paam_fast.bench import latency as bench
+
+    monkeypatch.setenv("PAAM_BENCH_OUT", str(tmp_path))
+    torch.set_num_threads(1)
+    res = bench.main(["--arch", "resnet20", "--size", "16", "--num-classes", "10", "--batch",
+                      "2", "--keeps", "0.9", "--grid", "2", "--repeats", "1", "--rounds", "1",
+                      "--match-iters", "0", "--dtype", "bfloat16"])
+    assert res["table"]["dtype"] == "bfloat16"
+    assert res["rows"]["dense"]["measured_ms"] > 0

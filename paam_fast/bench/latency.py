@@ -2,6 +2,7 @@
 
     python -m paam_fast.bench.latency --arch resnet50 --size 224 --batch 1 --keeps 0.3 0.5 0.7
     python -m paam_fast.bench.latency --arch resnet20 --size 32 --batch 256 --table t.json
+    python -m paam_fast.bench.latency --arch resnet50 --batch 256 --dtype bfloat16 --channels-last
 
 Side by side in one run, every network exported to plain torch and measured interleaved (round
 by round, so a drifting machine load moves them all alike): the dense network; PAAM's global
@@ -69,6 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--match-iters", type=int, default=2, help="corrections of the uniform "
                     "network's budget towards PAAM's measured latency")
     ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="the inference dtype timed (a GPU's: bfloat16)")
     ap.add_argument("--coupling", default="internal", choices=["internal", "grouped"],
                     help="grouped: residual channels are units too (lower budgets reachable)")
     ap.add_argument("--seed", type=int, default=0)
@@ -88,7 +91,7 @@ def _table(a, model, size, dev):
     else:
         table = latency_table(model, size, batch=a.batch, device=dev, grid=a.grid,
                               repeats=a.repeats, channels_last=a.channels_last, clock=a.clock,
-                              fit=a.fit)
+                              fit=a.fit, dtype=getattr(torch, a.dtype))
         if a.save_table:
             table.save(a.save_table)
     table_s = time.time() - t0
