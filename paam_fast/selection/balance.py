@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .costs import Joint, JointCost
+from .costs import Joint, JointCost, step_delta
 
 # 1/2^12 of the weight's range: finer changes move no filter on the networks we prune
 ITERATIONS = 12
@@ -22,15 +22,8 @@ ITERATIONS = 12
 
 def part_step_costs(model: JointCost, units, widths, mult: list[int]) -> list[tuple[float, float]]:
     """Per unit, what one more filter costs in parameters and in MACs at ``widths``."""
-    out = []
-    for u, gm in zip(units, mult):
-        local = model.local(u.id)
-        w = dict(widths)
-        full = local(w)
-        w[u.id] = max(0, w[u.id] - gm)
-        d = full - local(w)
-        out.append(tuple(max(float(x), 1e-12) / gm for x in d.parts))
-    return out
+    return [tuple(max(float(x), 1e-12) / gm for x in step_delta(model, u, widths, gm).parts)
+            for u, gm in zip(units, mult)]
 
 
 def weighted(parts: list[tuple[float, float]], budget: Joint, a: float) -> list[float]:

@@ -151,14 +151,17 @@ def cost_model(structure: Structure, cost: str, latency: LatencyTable | None = N
     return StructureCost(structure, cost)
 
 
+def step_delta(model, unit, widths: Widths, step: int):
+    """What the last ``step`` filters of ``unit`` cost at ``widths``, in the model's unit (a
+    count, ms, or a :class:`Joint` of counts)."""
+    local = model.local(unit.id)
+    w = dict(widths)
+    full = local(w)
+    w[unit.id] = max(0, w[unit.id] - step)
+    return full - local(w)
+
+
 def step_costs(model, units, widths: Widths, mult: list[int]) -> list[float]:
     """What one more filter of each unit costs at ``widths`` (per filter: a grouped unit's step
     of G filters, divided by G)."""
-    out = []
-    for u, gm in zip(units, mult):
-        local = model.local(u.id)
-        w = dict(widths)
-        full = local(w)
-        w[u.id] = max(0, w[u.id] - gm)
-        out.append(max(full - local(w), 1e-12) / gm)
-    return out
+    return [max(step_delta(model, u, widths, gm), 1e-12) / gm for u, gm in zip(units, mult)]
