@@ -77,6 +77,10 @@ GRIDS = {
         ("paam key=unit_mean both=0.3 beta=1", [*_FORK, "--select-key", "unit_mean",
                                                 "--select-cost", "params+flops",
                                                 "--select-beta", "1"]),
+        # is it the widths or the PAAM run? The widths it chose, trained from scratch as
+        # uniform thinning is (same recipe, no joint phase, no scoring)
+        ("retrain key=taylor both=0.3 beta=1",
+         ["--method", "retrain", "--retrain", "{runs}/paam_keytaylor_both0.3_beta1-s{seed}"]),
         # issue 20: half the latency of dense ResNet20 at batch 256 (channels_last, 1 thread,
         # this CPU), by one table measured once on an idle machine and committed, so PAAM and
         # uniform aim at the same predicted budget; their exported networks are timed after
