@@ -1,6 +1,8 @@
-"""The CPU training-throughput benchmark runs every method and mode it reports."""
+"""The CPU benchmarks run and report what they say: training throughput per method and mode,
+clock drift, inference of dense and pruned networks."""
 
 import pytest
+import torch
 
 from paam_fast.bench.cpu_train import MODES, measure
 
@@ -19,3 +21,26 @@ def test_drift_times_one_network_after_each_kind_of_work(tmp_path, monkeypatch):
     assert [s["after"] for s in res["series"]] == ["start", "idle", "compute", "shapes"]
     assert all(s["median_ms"] > 0 for s in res["series"]) and res["spread"] >= 0
     assert (tmp_path / "drift_resnet20_b2.json").exists()
+
+
+def test_inference_times_dense_and_pruned_interleaved(tmp_path, monkeypatch):
+    import paam_fast as pf
+    from paam_fast.bench import inference
+
+    model = pf.paamify(pf.models.get_model("resnet20"), input_size=(1, 3, 32, 32))
+    model(torch.randn(2, 3, 32, 32))  # scores exist after a forward
+    pf.select(model, keep=0.3)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    for d in ("a", "b"):
+        pf.save(model, tmp_path / d / "model.paam")
+    monkeypatch.setenv("PAAM_BENCH_OUT", str(tmp_path))
+    res = inference.main(["--arch", "resnet20", "--batch", "4", "--rounds", "2",
+                          "--channels-last", "--model", str(tmp_path / "a" / "model.paam"),
+                          str(tmp_path / "b" / "model.paam"), str(tmp_path / "b" / "model.paam")])
+    assert list(res["models"]) == ["a", "b", "b#2"]  # named by folder, never overwritten
+    assert res["dense"]["b4"]["of_dense"] == 1.0
+    for name in ("a", "b", "b#2"):
+        assert res[name]["count"]["params"] < 0.5 * res["dense"]["count"]["params"]
+        assert res[name]["b1"]["median_ms"] > 0 and res[name]["b4"]["images_per_s"] > 0
+    assert (tmp_path / "inference_resnet20_b4.json").exists()
