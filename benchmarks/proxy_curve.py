@@ -9,6 +9,10 @@ the differences are paired over seeds: mean ± std, two-sided paired t and p.  A
 curve's measured range gets no reading on that axis (shown as "—").
 
     python benchmarks/proxy_curve.py --results results/proxy2.jsonl --plot results/proxy2.png
+    python benchmarks/proxy_curve.py --against uniform --setting "paam key=taylor both=0.3 beta=1"
+
+``--against A --setting S``: S − A seed by seed (same seed, no curve), with the paired t and the
+one-sided test of "the mean difference exceeds ``--margin``" (a figure "+1.0 or more").
 """
 
 from __future__ import annotations
@@ -72,6 +76,46 @@ def paired(diffs: list[float]) -> tuple[float, float, float | None]:
 
     t = m / (sd / n ** 0.5)
     return m, sd, float(2 * stats.t.sf(abs(t), n - 1))
+
+
+def one_sided_above(diffs: list[float], margin: float) -> float | None:
+    """p of the one-sided paired t of mean(diffs) > margin (None below 2 seeds)."""
+    n = len(diffs)
+    if n < 2:
+        return None
+    m = sum(diffs) / n
+    sd = (sum((d - m) ** 2 for d in diffs) / (n - 1)) ** 0.5
+    if sd == 0:
+        return 0.0 if m > margin else 1.0
+    from scipy import stats
+
+    return float(stats.t.sf((m - margin) / (sd / n ** 0.5), n - 1))
+
+
+def against(rows: list[dict], setting: str, base: str) -> list[tuple[int, dict, dict]]:
+    """(seed, row of ``setting``, row of ``base``) for every seed that has both."""
+    by = {(r["setting"], r["seed"]): r for r in rows}
+    return [(seed, by[(setting, seed)], by[(base, seed)])
+            for seed in sorted({s for (_, s) in by})
+            if (setting, seed) in by and (base, seed) in by]
+
+
+def against_text(rows: list[dict], setting: str, base: str, margin: float) -> str:
+    pairs = against(rows, setting, base)
+    if not pairs:
+        return f"no seed has both {setting!r} and {base!r}"
+    lines, diffs = [], []
+    for seed, r, b in pairs:
+        diffs.append(100 * (r["val_top1"] - b["val_top1"]))
+        lines.append(f"seed {seed}: {100 * r['val_top1']:.2f} vs {100 * b['val_top1']:.2f} "
+                     f"({diffs[-1]:+.2f}); params {r['params']:,} vs {b['params']:,}, "
+                     f"MACs {r['flops']:,} vs {b['flops']:,}")
+    m, sd, p = paired(diffs)
+    q = one_sided_above(diffs, margin)
+    lines.append(f"{setting} − {base}: {m:+.2f} ± {sd:.2f} pts, n = {len(diffs)}"
+                 + (f", two-sided p = {p:.3f}, one-sided p(mean > {margin:+.1f}) = {q:.3f}"
+                    if p is not None else ""))
+    return "\n".join(lines)
 
 
 def readings(rows: list[dict]) -> dict[str, dict[str, list[float]]]:
@@ -155,8 +199,17 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results", nargs="+", default=["results/proxy2.jsonl"])
     ap.add_argument("--plot", default=None, help="write the two-panel PNG here")
+    ap.add_argument("--against", default=None, help="pair --setting with this setting, seed by "
+                    "seed, instead of printing the table")
+    ap.add_argument("--setting", default=None)
+    ap.add_argument("--margin", type=float, default=1.0, help="the one-sided test's margin, pts")
     a = ap.parse_args()
     rows = load(a.results)
-    print(table(rows))
+    if a.against:
+        if not a.setting:
+            ap.error("--against needs --setting")
+        print(against_text(rows, a.setting, a.against, a.margin))
+    else:
+        print(table(rows))
     if a.plot:
         plot(rows, a.plot)

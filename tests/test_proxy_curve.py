@@ -33,3 +33,16 @@ def test_paired_mean_std_and_t():
     assert p == pytest.approx(0.0742, abs=5e-4)
     assert pc.paired([1.5])[2] is None
     assert not math.isnan(pc.paired([0.5, 0.5])[0])
+
+
+def test_against_pairs_by_seed_and_tests_the_margin():
+    rows = [{"setting": s, "seed": seed, "val_top1": acc, "params": 10, "flops": 20}
+            for s, seed, acc in [("u", 0, 0.70), ("u", 1, 0.72), ("u", 2, 0.71), ("u", 3, 0.60),
+                                 ("x", 0, 0.72), ("x", 1, 0.74), ("x", 2, 0.735)]]
+    pairs = pc.against(rows, "x", "u")
+    assert [seed for seed, _, _ in pairs] == [0, 1, 2]  # seed 3 has no "x": left out
+    text = pc.against_text(rows, "x", "u", margin=1.0)
+    assert "+2.17 ± 0.29 pts, n = 3" in text
+    assert pc.one_sided_above([2.0, 2.5, 2.0], 1.0) < 0.05 < pc.one_sided_above([2.0, 2.5, 2.0],
+                                                                                 2.0)
+    assert pc.one_sided_above([1.5], 1.0) is None
