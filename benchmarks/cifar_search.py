@@ -98,6 +98,10 @@ GRIDS = {
         ("slim", ["--method", "slim"]),
         # controls and the per-filter path of the scoring network
         ("random", ["--method", "random"]),
+        # random widths (each seed its own draw) at uniform thinning's params *and* MACs, trained
+        # like it: is any reallocation at this cost as good as the Taylor joint-β one?  (the
+        # MAC part binds first for most draws: fewer params than 0.3, read on the curve)
+        ("random both=0.3", ["--method", "random", "--select-cost", "params+flops"]),
         ("paam residual", ["--scorer-residual"]),
     ],
     "proxy": [
