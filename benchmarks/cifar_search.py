@@ -55,6 +55,11 @@ GRIDS = {
         # the filter's first-order effect on the loss, in loss units (comparable across units)
         ("paam key=taylor", [*_FORK, "--select-key", "taylor"]),
         ("paam same-pipeline uniform", [*_FORK, "--select-allocation", "uniform"]),
+        # is it the allocation or the joint phase? The Taylor key inside every unit, uniform
+        # thinning's widths (exactly its params and MACs): the Taylor joint-β rows' fork,
+        # without their allocation (their widths retrained from scratch tie uniform thinning)
+        ("paam key=taylor same-pipeline uniform", [*_FORK, "--select-key", "taylor",
+                                                   "--select-allocation", "uniform"]),
         ("paam beta=1", [*_FORK, "--select-beta", "1"]),
         ("paam key=unit_mean beta=1", [*_FORK, "--select-key", "unit_mean", "--select-beta",
                                        "1"]),
