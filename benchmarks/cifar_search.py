@@ -33,7 +33,13 @@ BASE_PROXY = ["--arch", "resnet20", "--val", "5000", "--keep", "0.3", "--round-t
 # --epochs / --select-epoch / --subset come from the command line (defaults below).
 BASE_PROXY2 = ["--arch", "resnet20", "--val", "5000", "--keep", "0.3", "--round-to", "1",
                "--schedule", "cosine", "--warmup", "1", "--channels-last", "--quiet"]
-BASES = {"cpu-small": BASE_CPU, "proxy": BASE_PROXY, "proxy2": BASE_PROXY2}
+# Every grid's settings were named when paam-train's selection defaulted to the gate over
+# parameters; the grids say so explicitly, so that a setting keeps its meaning at any commit
+# (the default became value per joint cost later: train.py, _selection_defaults).  A setting's
+# own options come after these and replace them.
+_PAPER_SELECTION = ["--select-key", "gate", "--select-cost", "params", "--select-beta", "0"]
+BASES = {"cpu-small": BASE_CPU + _PAPER_SELECTION, "proxy": BASE_PROXY + _PAPER_SELECTION,
+         "proxy2": BASE_PROXY2 + _PAPER_SELECTION}
 # forks: the same seed's PAAM run's pre-selection state, another selection rule
 _FORK = ["--fork-from", "{runs}/paam-s{seed}"]
 # measured by: OMP_NUM_THREADS=1 python -m paam_fast.bench.latency --arch resnet20 --size 32
@@ -44,11 +50,16 @@ GRIDS = {
     "proxy2": [
         ("dense", ["--method", "dense"]),
         ("uniform", ["--method", "uniform"]),
-        ("paam", []),  # the library defaults (b0 = -2, λ 0.05, key = gate)
+        ("paam", []),  # the library defaults of 438915d (b0 = -2, λ 0.05, key = gate, params)
         ("paam key=unit_mean", [*_FORK, "--select-key", "unit_mean"]),
         # the filter's first-order effect on the loss, in loss units (comparable across units)
         ("paam key=taylor", [*_FORK, "--select-key", "taylor"]),
         ("paam same-pipeline uniform", [*_FORK, "--select-allocation", "uniform"]),
+        # is it the allocation or the joint phase? The Taylor key inside every unit, uniform
+        # thinning's widths (exactly its params and MACs): the Taylor joint-β rows' fork,
+        # without their allocation (their widths retrained from scratch tie uniform thinning)
+        ("paam key=taylor same-pipeline uniform", [*_FORK, "--select-key", "taylor",
+                                                   "--select-allocation", "uniform"]),
         ("paam beta=1", [*_FORK, "--select-beta", "1"]),
         ("paam key=unit_mean beta=1", [*_FORK, "--select-key", "unit_mean", "--select-beta",
                                        "1"]),

@@ -8,6 +8,8 @@ or the reason the model was refused (no unit, an unreachable budget, a trace fai
     python benchmarks/model_table.py                      # all, markdown table on stdout
     python benchmarks/model_table.py --only resnet18,timm:dla34 --json out.json
     python benchmarks/model_table.py --from-json out.json   # render a saved run
+    python benchmarks/model_table.py --cost params+flops --beta 1 --only resnet50  # paam-train's
+                                                          # default budget: params *and* MACs
 
 Each model runs in its own subprocess (``--timeout`` seconds), so a huge one (vit_h_14,
 regnet_y_128gf) cannot take the others down with it.  README.md's table is this script's output.
@@ -59,7 +61,7 @@ def _short(msg: str) -> str:
     return msg[:120]
 
 
-def worker(name: str, size: int) -> dict:
+def worker(name: str, size: int, cost: str = "params", beta: float = 0.0) -> dict:
     """Both couplings of one model; returns {"model", "params", coupling: cell}."""
     import torch
 
@@ -87,14 +89,16 @@ def worker(name: str, size: int) -> dict:
             x = torch.randn(1, 3, s, s)
             with torch.no_grad():
                 model(x)
-                dense = pf.count(model, (1, 3, s, s))["params"]
-                sel = pf.select(model, keep=0.5)
+                dense = pf.count(model, (1, 3, s, s))
+                sel = pf.select(model, keep=0.5, cost=cost, beta=beta)
                 y = model(x)
                 plain = pf.export(model)
                 err = float((plain(x) - y).norm() / y.norm().clamp_min(1e-30))
             got = pf.count(plain, (1, 3, s, s))
             out[coupling] = {"status": "ok" if err <= 1e-5 else "mismatch",
-                             "kept": got["params"] / dense, "units": len(model.paam.units),
+                             "kept": got["params"] / dense["params"],
+                             "kept_flops": got["flops"] / dense["flops"],
+                             "units": len(model.paam.units),
                              "rel_err": err, "exact_count": got["params"] == sel.params,
                              "size": s, "seconds": round(time.time() - t0, 1)}
         except Exception as e:  # a refusal is a result of the table
@@ -108,7 +112,8 @@ def _cell(c: dict | None) -> str:
         return "not run"
     if c["status"] == "ok":
         at = f", at {c['size']}×{c['size']}" if c.get("size", 64) != 64 else ""
-        return f"ok, {c['kept']:.3f} kept ({c['units']} units{at})"
+        macs = f", {c['kept_flops']:.3f} of MACs" if "kept_flops" in c else ""
+        return f"ok, {c['kept']:.3f} kept{macs} ({c['units']} units{at})"
     if c["status"] == "mismatch":
         return f"**export differs** (rel {c['rel_err']:.1e})"
     if c["status"] == "error":
@@ -116,7 +121,7 @@ def _cell(c: dict | None) -> str:
     return c["why"].replace("|", "/")
 
 
-def markdown(rows: list[dict]) -> str:
+def markdown(rows: list[dict], cost: str = "params") -> str:
     lines = ["| model | params (M) | internal | grouped |", "|---|---|---|---|"]
     for r in rows:
         p = f"{r['params'] / 1e6:.1f}" if "params" in r else "?"
@@ -124,12 +129,14 @@ def markdown(rows: list[dict]) -> str:
                      f"{_cell(r.get('grouped'))} |")
     ok = sum(any(r.get(c, {}).get("status") == "ok" for c in COUPLINGS) for r in rows)
     lines.append("")
-    lines.append(f"{ok} of {len(rows)} models prune to half their parameters in at least one "
+    what = {"params": "their parameters", "flops": "their MACs",
+            "params+flops": "their parameters and MACs"}.get(cost, cost)
+    lines.append(f"{ok} of {len(rows)} models prune to half {what} in at least one "
                  "mode, the exported model computing what the masked one does (≤ 1e-5).")
     return "\n".join(lines)
 
 
-def _meta(size: int) -> dict:
+def _meta(size: int, cost: str = "params", beta: float = 0.0) -> dict:
     import platform
 
     import torch
@@ -147,7 +154,7 @@ def _meta(size: int) -> dict:
         commit = None
     return {"torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm_v,
             "commit": commit, "python": platform.python_version(), "size": size,
-            "device": "cpu", "dtype": "float32", "keep": 0.5}
+            "device": "cpu", "dtype": "float32", "keep": 0.5, "cost": cost, "beta": beta}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,15 +165,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None, help="also write the rows as JSON here")
     ap.add_argument("--no-timm", action="store_true", help="torchvision models only")
     ap.add_argument("--from-json", default=None, help="only render the table of a --json file")
+    ap.add_argument("--cost", default="params", choices=["params", "flops", "params+flops"],
+                    help="what keep=0.5 is a fraction of (paam-train's default: params+flops)")
+    ap.add_argument("--beta", type=float, default=0.0, help="the selection's β (params+flops: "
+                    "1 makes both parts bind, as paam-train's default)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.from_json:
         with open(args.from_json) as f:
             data = json.load(f)
-        print(markdown(data["rows"] if isinstance(data, dict) else data))
+        meta = data.get("meta", {}) if isinstance(data, dict) else {}
+        print(markdown(data["rows"] if isinstance(data, dict) else data,
+                       meta.get("cost", "params")))
         return 0
     if args.worker:
-        print(json.dumps(worker(args.worker, args.size)))
+        print(json.dumps(worker(args.worker, args.size, args.cost, args.beta)))
         return 0
     if args.only:
         names = [n for n in args.only.split(",") if n]
@@ -179,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for name in names:
-        cmd = [sys.executable, __file__, "--worker", name, "--size", str(args.size)]
+        cmd = [sys.executable, __file__, "--worker", name, "--size", str(args.size),
+               "--cost", args.cost, "--beta", str(args.beta)]
         try:
             res = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
                                  env=env)
@@ -195,8 +209,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr, flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"meta": _meta(args.size), "rows": rows}, f, indent=1)
-    print(markdown(rows))
+            json.dump({"meta": _meta(args.size, args.cost, args.beta), "rows": rows}, f, indent=1)
+    print(markdown(rows, args.cost))
     return 0
 
 

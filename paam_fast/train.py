@@ -152,9 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
     a("--cost", default="uniform", choices=["uniform", "params", "flops", "latency"],
       help="per-filter cost in the penalty (latency: a filter's predicted ms, from the latency "
            "table)")
-    a("--select-cost", default="params", choices=["params", "flops", "latency", "params+flops"],
+    a("--select-cost", default=None, choices=["params", "flops", "latency", "params+flops"],
       help="what --keep and --target are fractions of (params+flops: both at once, the network "
-           "at most that fraction of dense in parameters and in MACs; latency: the dense "
+           "at most that fraction of dense in parameters and in MACs; default params+flops for "
+           "paam, uniform and random with a --keep budget, params otherwise; paam's default "
+           "selection is then --select-key taylor --select-beta 1, value per joint cost, chosen "
+           "on paired seeds (RESULTS.md); the paper-literal selection is --select-key gate "
+           "--select-cost params --select-beta 0; latency: the dense "
            "network's latency "
            "predicted by a table measured on the training device at the start, or read from "
            "--latency-table; saved in --out as latency_table.json)")
@@ -166,14 +170,16 @@ def build_parser() -> argparse.ArgumentParser:
       "table turns its layers into the network's latency: rest = dense minus the layers' sum is "
       "fixed; scale = fixed and a scale fitted to the dense and half-width networks (ours; "
       "paam_fast.latency)")
-    a("--select-key", default="gate", choices=["gate", "unit_mean", "taylor"],
+    a("--select-key", default=None, choices=["gate", "unit_mean", "taylor"],
       help="what selection ranks filters by (ours): gate = g; unit_mean = g / its unit's mean g "
            "(comparable across units of different widths); taylor = |g·dL/dg| over "
-           "--taylor-batches training batches (the filter's first-order effect on the loss)")
+           "--taylor-batches training batches (the filter's first-order effect on the loss). "
+           "Default: taylor for paam with a --keep budget, gate otherwise (see --select-cost)")
     a("--taylor-batches", type=int, default=20, help="training batches the Taylor key "
       "averages over at selection (--select-key taylor)")
-    a("--select-beta", type=float, default=0.0, help="divide the selection key by each filter's "
-      "cost (in --select-cost) to this power (ours): 0 = the key itself, 1 = value per cost")
+    a("--select-beta", type=float, default=None, help="divide the selection key by each "
+      "filter's cost (in --select-cost) to this power (ours): 0 = the key itself, 1 = value per "
+      "cost (default 1 for paam under params+flops, 0 otherwise)")
     a("--select-allocation", default="global", choices=["global", "uniform"],
       help="global: one ranking over all units sets the widths (PAAM); uniform: the uniform "
            "baseline's widths, each unit keeping its own best filters (a control, ours)")
@@ -314,8 +320,6 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     if args.penalty_balance == "budget" and args.method == "paam" and args.mass is not None:
         raise UsageError("--penalty-balance budget needs a budget: --keep or --target, not "
                          "--mass")
-    if args.method == "torch-pruning":
-        _check_torch_pruning(args)
     if args.lam is None:
         args.lam = {"slim": DEFAULT_SLIM_LAMBDA, "torch-pruning": tp_peer.DEFAULT_REG}.get(
             args.method, DEFAULT_LAMBDA)
@@ -324,6 +328,9 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     if args.target is not None and args.keep is not None \
             and args.method not in ("uniform", "random"):
         args.keep = None  # --target implies mass-mode selection
+    _selection_defaults(args)
+    if args.method == "torch-pruning":
+        _check_torch_pruning(args)
     if args.select_key == "taylor":
         if args.method != "paam":
             raise UsageError(f"--select-key taylor measures PAAM's gates' effect on the loss; "
@@ -355,6 +362,33 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     if args.cuda_graphs and not args.device.startswith("cuda"):
         raise UsageError("--cuda-graphs needs a CUDA GPU (none is available or --device is cpu)")
     return args
+
+
+# What selection did before its defaults were chosen on evidence (and what a resumed run whose
+# configuration predates these options ran with): the paper-literal gate over parameters.
+LEGACY_SELECTION = {"select_key": "gate", "select_cost": "params", "select_beta": 0.0}
+
+
+def _selection_defaults(args) -> None:
+    """Fill --select-key / --select-cost / --select-beta left unset.  With a --keep budget, PAAM
+    selects by value per joint cost (the Taylor key divided by a·params/P + (1 − a)·MACs/M, both
+    parts of a params+MACs budget binding), and uniform and random thinning take the same
+    params+MACs budget so that the baselines land at the same point: on the CIFAR proxy this
+    beat uniform thinning at equal parameters and MACs over 5 paired seeds (RESULTS.md, "Value
+    per joint cost"), where the paper-literal gate over parameters tied it at equal parameters
+    and spent 1.7× its MACs.  Mass and target modes (they read the gates' mass), Network
+    Slimming and Torch-Pruning (peers, as published) keep the gate over parameters.  An option
+    given on the command line is never overridden."""
+    budget = args.keep is not None and args.mass is None and args.target is None
+    joint = budget and args.method in ("paam", "uniform", "random")
+    if args.select_cost is None:
+        args.select_cost = "params+flops" if joint else LEGACY_SELECTION["select_cost"]
+    if args.select_key is None:
+        args.select_key = "taylor" if budget and args.method == "paam" \
+            else LEGACY_SELECTION["select_key"]
+    if args.select_beta is None:
+        args.select_beta = 1.0 if args.method == "paam" and args.select_cost == "params+flops" \
+            and budget else LEGACY_SELECTION["select_beta"]
 
 
 def _check_torch_pruning(args) -> None:
@@ -1126,7 +1160,8 @@ def run(args: argparse.Namespace) -> dict | None:
                 saved = json.load(f)
             keep = {k: getattr(args, k) for k in ("out", "resume", "max_steps", "quiet")}
             # options added since the run started take their defaults
-            missing = {k: v for k, v in vars(args).items() if k not in saved}
+            missing = {k: LEGACY_SELECTION.get(k, v) for k, v in vars(args).items()
+                       if k not in saved}
             args = argparse.Namespace(**{**missing, **saved, **keep})
         t_start = time.time()
         r = _start(args, d, created)

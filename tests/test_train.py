@@ -330,3 +330,52 @@ def test_a_fork_with_the_sources_selection_is_the_source_run_and_others_branch(t
     assert main(common + ["--lam", "0.1", "--fork-from", src, "--out",
                           str(tmp_path / "bad")]) == 2
     assert "--lam" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,want", [
+    # paam with a budget: the Taylor key per joint cost, chosen on paired seeds (RESULTS.md)
+    ([], ("taylor", "params+flops", 1.0)),
+    (["--keep", "0.3"], ("taylor", "params+flops", 1.0)),
+    # the baselines take the same params+MACs budget, so they land at the same point
+    (["--method", "uniform", "--keep", "0.3"], ("gate", "params+flops", 0.0)),
+    (["--method", "random", "--keep", "0.3"], ("gate", "params+flops", 0.0)),
+    # modes that read the gates' mass, and the peers as published: the paper-literal selection
+    (["--mass", "0.9"], ("gate", "params", 0.0)),
+    (["--target", "0.4"], ("gate", "params", 0.0)),
+    (["--method", "slim"], ("gate", "params", 0.0)),
+    (["--method", "dense"], ("gate", "params", 0.0)),
+    # an option given is never overridden; β follows the cost (1 only under params+flops)
+    (["--select-cost", "params"], ("taylor", "params", 0.0)),
+    (["--select-cost", "flops", "--select-beta", "1"], ("taylor", "flops", 1.0)),
+    (["--select-key", "gate", "--select-cost", "params", "--select-beta", "0"],
+     ("gate", "params", 0.0)),
+])
+def test_selection_defaults(argv, want):
+    from paam_fast.train import _resolve, build_parser
+
+    a = _resolve(build_parser().parse_args(argv))
+    assert (a.select_key, a.select_cost, a.select_beta) == want
+
+
+def test_resume_of_a_run_older_than_the_selection_defaults_keeps_its_selection(tmp_path):
+    """A config.json written before --select-key/--select-cost/--select-beta existed ran the
+    gate over parameters; resuming it must not switch it to the new defaults."""
+    out = str(tmp_path / "run")
+    assert main(["--epochs", "3", "--select-epoch", "2", "--out", out, "--quiet",
+                 "--max-steps", "8", *SMALL]) == 0  # stopped after epoch 1, before selection
+    assert not os.path.exists(os.path.join(out, "report.json"))
+    cfg_path = os.path.join(out, "config.json")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    assert (cfg["select_key"], cfg["select_cost"], cfg["select_beta"]) == \
+        ("taylor", "params+flops", 1.0)
+    for k in ("select_key", "select_cost", "select_beta"):
+        del cfg[k]
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f)
+    assert main(["--out", out, "--resume", "--quiet"]) == 0
+    rep = _report(out)
+    again = rep["config"]
+    assert (again["select_key"], again["select_cost"], again["select_beta"]) == \
+        ("gate", "params", 0.0)
+    assert rep["params_final"] <= 0.5 * rep["params_dense"] * 1.01
