@@ -344,9 +344,11 @@ def test_a_fork_with_the_sources_selection_is_the_source_run_and_others_branch(t
     (["--target", "0.4"], ("gate", "params", 0.0)),
     (["--method", "slim"], ("gate", "params", 0.0)),
     (["--method", "dense"], ("gate", "params", 0.0)),
-    # an option given is never overridden; β follows the cost (1 only under params+flops)
-    (["--select-cost", "params"], ("taylor", "params", 0.0)),
-    (["--select-cost", "flops", "--select-beta", "1"], ("taylor", "flops", 1.0)),
+    # an option given is never overridden; the Taylor key and β = 1 come together with the
+    # params+MACs budget (the evidence is for that triple), other budgets keep the old defaults
+    (["--select-cost", "params"], ("gate", "params", 0.0)),
+    (["--select-cost", "flops", "--select-beta", "1"], ("gate", "flops", 1.0)),
+    (["--select-key", "unit_mean"], ("unit_mean", "params+flops", 1.0)),
     (["--select-key", "gate", "--select-cost", "params", "--select-beta", "0"],
      ("gate", "params", 0.0)),
 ])
