@@ -113,6 +113,18 @@ GRIDS = {
         ("uniform keep=0.5", ["--method", "uniform", "--keep", "0.5"]),
         ("uniform keep=0.7", ["--method", "uniform", "--keep", "0.7"]),
         ("slim", ["--method", "slim"]),
+        # issue 18's peers at the default's budget: Network Slimming (|γ| after its L1 joint
+        # phase) ranked per joint cost like the Taylor key, and Torch-Pruning (group-norm sparse
+        # learning, global L2 ranking; it budgets params or MACs only, and prunes the stage
+        # channels too, so it is read on the uniform curve at both)
+        ("slim both=0.3 beta=1", ["--method", "slim", "--select-cost", "params+flops",
+                                  "--select-beta", "1"]),
+        ("torch-pruning", ["--method", "torch-pruning"]),
+        # the pipeline without PAAM's scoring: slim's joint phase (dense training with L1 on
+        # BN γ), uniform thinning's widths chosen by |γ| inside each unit -- against
+        # `paam key=taylor same-pipeline uniform`, is PAAM's joint phase or its key worth anything?
+        ("slim same-pipeline uniform", ["--fork-from", "{runs}/slim_both0.3_beta1-s{seed}",
+                                        "--method", "slim", "--select-allocation", "uniform"]),
         # controls and the per-filter path of the scoring network
         ("random", ["--method", "random"]),
         # random widths (each seed its own draw) at uniform thinning's params *and* MACs, trained
