@@ -44,7 +44,7 @@ from .peers import torch_pruning as tp_peer
 from .provenance import environment, file_sha256, tensor_digest
 from .pruner import DEFAULT_LAMBDA, Pruner
 from .report import report
-from .selection import choose, random_alive, uniform_alive
+from .selection import choose, first_alive, random_alive, uniform_alive
 from .step import TrainStep
 
 __all__ = ["Recipe", "RECIPES", "build_parser", "main", "run"]
@@ -487,7 +487,7 @@ def _retrain_widths(path: str) -> dict:
 def _retrain_alive(ctrl, spec: dict) -> dict[str, torch.Tensor]:
     """Masks keeping the first w filters of every unit (which ones is immaterial: the thinned
     network is trained from scratch)."""
-    alive = {}
+    widths = {}
     for u in ctrl.units:
         if spec.get("widths"):
             if u.name not in spec["widths"]:
@@ -502,11 +502,8 @@ def _retrain_alive(ctrl, spec: dict) -> dict[str, torch.Tensor]:
             w = int(row[1])
         if not (1 <= w <= u.width):
             raise UsageError(f"--retrain: width {w} of unit {u.name!r} is not in [1, {u.width}]")
-        g = u.groups  # a grouped conv's unit: the same number in every group
-        m = torch.zeros(g, u.width // g, dtype=torch.bool)
-        m[:, : max(1, w // g)] = True
-        alive[u.name] = m.flatten()
-    return alive
+        widths[u.id] = w
+    return first_alive(ctrl.units, widths)
 
 
 def _reestimate_bn(model: nn.Module, loader, batches: int, dev, args) -> int:

@@ -44,3 +44,31 @@ def test_inference_times_dense_and_pruned_interleaved(tmp_path, monkeypatch):
         assert res[name]["count"]["params"] < 0.5 * res["dense"]["count"]["params"]
         assert res[name]["b1"]["median_ms"] > 0 and res[name]["b4"]["images_per_s"] > 0
     assert (tmp_path / "inference_resnet20_b4.json").exists()
+
+
+def test_inference_rebuilds_recorded_runs_from_their_widths(tmp_path, monkeypatch):
+    """--rows: the networks of recorded proxy runs, rebuilt from their per-unit widths, count
+    exactly the params and MACs their training runs recorded (else the bench refuses)."""
+    import json
+    import os
+
+    from paam_fast.bench import inference
+
+    rows = os.path.join(os.path.dirname(__file__), "..", "results", "proxy2.jsonl")
+    monkeypatch.setenv("PAAM_BENCH_OUT", str(tmp_path))
+    res = inference.main(["--arch", "resnet20", "--batch", "2", "--rounds", "1", "--no-b1",
+                          "--rows", rows, "--settings", "uniform", "paam", "--seeds", "0"])
+    assert res["uniform s0"]["count"]["params"] == 80752  # uniform thinning at 0.3
+    assert res["uniform s0"]["count"]["flops"] == 12368512
+    assert res["uniform s0"]["val_top1"] == 0.729
+    assert res["paam s0"]["count"]["params"] < 0.31 * res["dense"]["count"]["params"]
+    assert res["paam s0"]["b2"]["of_dense"] > 0
+    # a row whose widths are not its network's: refused, not timed
+    row = next(json.loads(line) for line in open(rows) if '"setting": "uniform"' in line)
+    row["per_unit"]["layer3.2.conv1"] += 1
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(row) + "\n")
+    with pytest.raises(SystemExit, match="rebuilt with"):
+        inference.main(["--arch", "resnet20", "--rows", str(bad), "--settings", "uniform"])
+    with pytest.raises(SystemExit, match="no row"):
+        inference.main(["--arch", "resnet20", "--rows", rows, "--settings", "nonesuch"])

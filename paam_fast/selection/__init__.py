@@ -12,7 +12,7 @@ from .choose import choose
 from .costs import COSTS, cost_model
 from .keys import KEYS
 from .result import Selection, check_keep, check_mass
-from .uniform import random_alive, uniform_alive
+from .uniform import first_alive, random_alive, uniform_alive
 
 __all__ = ["COSTS", "KEYS", "Selection", "check_keep", "check_mass", "choose", "cost_model",
-           "random_alive", "uniform_alive"]
+           "first_alive", "random_alive", "uniform_alive"]

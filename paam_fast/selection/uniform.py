@@ -49,8 +49,8 @@ def uniform_alive(units: list[Space], structure: Structure, keep: float, cost: s
                   round_to: int = 1, latency=None) -> dict[str, torch.Tensor]:
     """The `uniform` baseline as masks: {unit name: (F,) bool}, the first filters of every
     group kept."""
-    return _first(units, uniform_widths(units, structure, keep, cost, round_to,
-                                        latency=latency))
+    return first_alive(units, uniform_widths(units, structure, keep, cost, round_to,
+                                             latency=latency))
 
 
 def random_alive(units: list[Space], structure: Structure, keep: float, cost: str = "params",
@@ -62,15 +62,18 @@ def random_alive(units: list[Space], structure: Structure, keep: float, cost: st
     gen = torch.Generator().manual_seed(seed)
     shares = (min_share + (1 - min_share) * torch.rand(len(units), generator=gen,
                                                        dtype=torch.float64)).tolist()
-    return _first(units, uniform_widths(units, structure, keep, cost, round_to, shares,
-                                        latency))
+    return first_alive(units, uniform_widths(units, structure, keep, cost, round_to, shares,
+                                             latency))
 
 
-def _first(units: list[Space], w: dict[int, int]) -> dict[str, torch.Tensor]:
+def first_alive(units: list[Space], w: dict[int, int]) -> dict[str, torch.Tensor]:
+    """Masks {unit name: (F,) bool} keeping the first ``w[unit id]`` filters of every unit (the
+    same number in every group of a grouped unit, at least one): the networks whose widths
+    alone matter (baselines trained from scratch, latency measured on random weights)."""
     out = {}
     for u in units:
         gm = getattr(u, "groups", 1)
         m = torch.zeros(gm, u.width // gm, dtype=torch.bool)
-        m[:, : w[u.id] // gm] = True
+        m[:, : max(1, w[u.id] // gm)] = True
         out[u.name] = m.flatten()
     return out
