@@ -116,7 +116,10 @@ def main(argv=None) -> dict:
     accuracy = {}
     for r in _rows(a.rows, a.settings, a.seeds) if a.rows else []:
         name = f"{r['setting']} s{r['seed']}"
-        models[name] = from_widths(make, r["per_unit"], a.size, a.coupling)
+        try:
+            models[name] = from_widths(make, r.get("per_unit") or {}, a.size, a.coupling)
+        except ValueError as e:
+            raise SystemExit(f"{name}: {e}") from None
         n = pf.count(models[name], (1, 3, a.size, a.size))
         if (n["params"], n["flops"]) != (r["params"], r["flops"]):  # not the run's network
             raise SystemExit(f"{name}: rebuilt with {n['params']:,} params and {n['flops']:,} "
