@@ -72,8 +72,9 @@ def from_widths(make, widths: dict[str, int], size: int, coupling: str = "intern
 
 
 def _rows(path: str, settings: list[str], seeds: list[int] | None) -> list[dict]:
-    rows = [json.loads(line) for line in open(path) if line.strip()]
-    picked = [r for s in settings for r in sorted(rows, key=lambda r: r["seed"])
+    rows = sorted((json.loads(line) for line in open(path) if line.strip()),
+                  key=lambda r: r["seed"])
+    picked = [r for s in settings for r in rows
               if r["setting"] == s and (seeds is None or r["seed"] in seeds)]
     for s in settings:
         if not any(r["setting"] == s for r in picked):
