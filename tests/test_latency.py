@@ -393,6 +393,13 @@ def test_the_latency_benchmark_runs_side_by_side(tmp_path, monkeypatch):
     paam = res["rows"]["paam@0.8"]
     assert paam["predicted_ms"] <= 0.8 * res["rows"]["dense"]["predicted_ms"] * (1 + 1e-9)
     assert paam["measured_ms"] > 0 and paam["params"] < res["rows"]["dense"]["params"]
+    # the file holds the whole table and each network's widths: its prediction comes back
+    ctrl = controller(pf.paamify(pf.models.get_model("resnet20"), input_size=(1, 3, 32, 32)))
+    w = ctrl.structure.widths()
+    for u in ctrl.units:
+        w[u.id] = paam["widths"][u.name]
+    table = LatencyTable.from_json(res["table"])
+    assert table.predict(ctrl.structure, w) == pytest.approx(paam["predicted_ms"])
     assert os.path.exists(tmp_path / "latency_resnet20_b8_internal_wall_"
                           f"{res['table']['fit']}.json")
 

@@ -127,6 +127,10 @@ def _match_uniform(a, ctrl, table, model, paam_net, keep, dev):
     return found
 
 
+def _unit_widths(ctrl, alive) -> dict[str, int]:
+    return {u.name: int(alive[u.name].sum()) for u in ctrl.units}
+
+
 def _networks(a, model, ctrl, table, dev):
     """Dense, PAAM at each budget (random gates) and uniform matched to PAAM's measured latency:
     (rows, networks, skipped budgets)."""
@@ -147,14 +151,15 @@ def _networks(a, model, ctrl, table, dev):
             continue
         name = f"paam@{keep:g}"
         models[name] = _plain(model, sel.alive)
-        rows[name] = {"keep": keep, "predicted_ms": sel.latency_ms}
+        rows[name] = {"keep": keep, "predicted_ms": sel.latency_ms,
+                      "widths": _unit_widths(ctrl, sel.alive)}
         found = _match_uniform(a, ctrl, table, model, models[name], keep, dev)
         if found is not None:
             uni, k_u = found
             uname = f"uniform@{keep:g}"
             models[uname] = _plain(model, uni)
             rows[uname] = {"keep": k_u, "predicted_ms": table.predict(
-                ctrl.structure, _widths(ctrl.structure, uni))}
+                ctrl.structure, _widths(ctrl.structure, uni)), "widths": _unit_widths(ctrl, uni)}
     return rows, models, skipped
 
 
@@ -214,8 +219,9 @@ def main(argv=None) -> dict:
     _print_rows(rows, alt.meta["fit"] if alt is not None else None)
     res = {"arch": a.arch, "size": a.size, "batch": a.batch, "device_kind": dev,
            "threads": torch.get_num_threads(), "round_to": a.round_to,
-           "loadavg": os.getloadavg(), "table": {k: v for k, v in table.to_json().items()
-                                                  if k not in ("grids", "layers")},
+           # the whole table, and each network's widths (rows): its predictions can be
+           # recomputed from this file under another fit or model of the same measurements
+           "loadavg": os.getloadavg(), "table": table.to_json(),
            "table_s": table_s, "coupling": a.coupling, "clock": clock, "skipped": skipped,
            "rows": rows}
     print("wrote", write_json(f"latency_{a.arch}_b{a.batch}_{a.coupling}_{clock}_{fit}", res))
