@@ -120,6 +120,10 @@ GRIDS = {
         ("slim both=0.3 beta=1", ["--method", "slim", "--select-cost", "params+flops",
                                   "--select-beta", "1"]),
         ("torch-pruning", ["--method", "torch-pruning"]),
+        # Torch-Pruning limited to PAAM's units (each block's first conv; the residual stages
+        # whole, as under PAAM's default): it ties the default while cutting the stages to
+        # ~half (16/32/64 -> 7/19/33) -- is its edge the ranking or the stages it may cut?
+        ("torch-pruning internal", ["--method", "torch-pruning", "--tp-scope", "internal"]),
         # the pipeline without PAAM's scoring: slim's joint phase (dense training with L1 on
         # BN γ), uniform thinning's widths chosen by |γ| inside each unit -- against
         # `paam key=taylor same-pipeline uniform`, is PAAM's joint phase or its key worth anything?

@@ -188,6 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
       "(recipe: 8; digits 1)")
     a("--coupling", default="internal", choices=["internal", "grouped"],
       help="internal: gate channels feeding no residual add; grouped: tie them across adds")
+    a("--tp-scope", default="all", choices=["all", "internal"],
+      help="--method torch-pruning: all (every coupled group it finds, the residual stages "
+           "too: Torch-Pruning as published) or internal (only the channels PAAM's internal "
+           "coupling gates: the same units as PAAM's default, a control, ours)")
     a("--normalize", default="max", choices=["max", "none"],
       help="gate g = s / max s (scale-free) or g = s (paper-literal)")
     a("--dim", type=int, default=32, help="attention width d of the scoring network")
@@ -331,6 +335,7 @@ def _resolve(args: argparse.Namespace) -> argparse.Namespace:
     _selection_defaults(args)
     if args.method == "torch-pruning":
         _check_torch_pruning(args)
+    _check_tp_scope(args)
     if args.select_key == "taylor":
         if args.method != "paam":
             raise UsageError(f"--select-key taylor measures PAAM's gates' effect on the loss; "
@@ -408,6 +413,11 @@ def _check_torch_pruning(args) -> None:
     if args.cuda_graphs:
         raise UsageError("--method torch-pruning cannot run with --cuda-graphs: its regularizer "
                          "reads the host after every backward")
+
+
+def _check_tp_scope(args) -> None:
+    if args.tp_scope != "all" and args.method != "torch-pruning":
+        raise UsageError("--tp-scope is used only with --method torch-pruning")
 
 
 # --------------------------------------------------------------------------- distributed
@@ -671,7 +681,8 @@ class Run:
                 self.peer = tp_peer.TorchPruningPeer(
                     self.model, input_size=self.data.input_size, epochs=args.epochs,
                     keep=args.keep, select_cost=args.select_cost,
-                    select_epoch=args.select_epoch, reg=args.lam, round_to=args.round_to)
+                    select_epoch=args.select_epoch, reg=args.lam, round_to=args.round_to,
+                    scope=args.tp_scope)
             except tp_peer.MissingTorchPruning as e:  # a --resume of such a run
                 raise UsageError(str(e)) from None
         if args.method in ("uniform", "random"):  # thinned from the first step, trained as is

@@ -108,6 +108,33 @@ def test_global_step_lands_on_the_budget_and_replays_from_its_history(cost):
     assert torch.equal(m(x), m2(x))
 
 
+def test_internal_scope_prunes_only_paams_units_and_keeps_the_stages_whole():
+    """--tp-scope internal: Torch-Pruning limited to the units PAAM's default gates (each
+    block's first conv); the stem, every block's last conv and the classifier keep their
+    widths, and the budget is still met from those units alone."""
+    m = pf.models.resnet20()
+    dense_widths = {n: c.out_channels for n, c in m.named_modules()
+                    if isinstance(c, torch.nn.Conv2d)}
+    p = peer.TorchPruningPeer(m, input_size=(1, 3, 32, 32), epochs=3, keep=0.5,
+                              select_epoch=1, scope="internal")
+    internal = {f"layer{s}.{b}.conv1" for s in (1, 2, 3) for b in (0, 1, 2)}
+    assert p.channels == 3 * (16 + 32 + 64)  # N: the internal units' channels only
+    (ev,) = p.epoch_end(0)
+    assert ev["scope"] == "internal" and ev["params"] <= int(0.5 * 269_722)
+    widths = p.widths()
+    for name, w in widths.items():
+        if name in internal:
+            assert w <= dense_widths[name]
+        else:
+            assert w == dense_widths[name], name
+    assert sum(widths[n] for n in internal) < sum(dense_widths[n] for n in internal)
+    m.eval()
+    assert m(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    with pytest.raises(ValueError, match="scope"):
+        peer.TorchPruningPeer(pf.models.resnet20(), input_size=(1, 3, 32, 32), epochs=3,
+                              keep=0.5, scope="grouped")
+
+
 def test_the_regularizer_adds_to_the_gradients_before_pruning_only():
     m = pf.models.resnet20()
     p = peer.TorchPruningPeer(m, input_size=(1, 3, 32, 32), epochs=2, keep=0.5,
@@ -203,6 +230,7 @@ def test_without_torch_pruning_exit_2_and_paam_fast_still_imports(tmp_path, caps
     (["--cuda-graphs"], "--method torch-pruning cannot run with --cuda-graphs"),
     (["--select-cost", "params+flops"], "searches its global ratio on params or flops"),
     (["--select-cost", "latency"], "searches its global ratio on params or flops"),
+    (["--method", "slim", "--tp-scope", "internal"], "--tp-scope is used only with"),
 ])
 def test_options_it_cannot_honour_exit_2(tmp_path, capsys, argv, msg):
     assert main(["--method", "torch-pruning", "--epochs", "1", "--quiet",

@@ -41,7 +41,10 @@ and couples the 16- and 32-channel stages into one broken group.  Before tracing
 replaced by :class:`ScatterShortcut` (the same function, as "input channel src[i] goes to output
 channel dst[i], the rest are zero"), registered with Torch-Pruning through a customized pruner
 that keeps the map consistent when either side is pruned.  So the stage channels (the residual
-groups) are pruned too, as Torch-Pruning does on any ResNet.
+groups) are pruned too, as Torch-Pruning does on any ResNet — unless ``scope="internal"``
+(``--tp-scope internal``, ours): then every conv and linear that writes no channel PAAM's
+internal coupling gates is an ignored layer, and Torch-Pruning prunes exactly PAAM's default
+units (a control: does its edge come from its ranking or from the residual stages it may cut?).
 """
 
 from __future__ import annotations
@@ -179,6 +182,18 @@ def _classifier(model: nn.Module) -> str:
     return last
 
 
+def _outside_internal_units(model: nn.Module, input_size: tuple[int, ...]) -> list[str]:
+    """Every conv and linear that writes no channel PAAM's internal coupling gates (the stem,
+    each residual block's last conv, projection shortcuts, the classifier): ignored by
+    Torch-Pruning, they keep every group they root whole, so only PAAM's units are pruned."""
+    from ..graph import analyse
+
+    units = analyse(model, tuple(input_size), "internal").units
+    producers = {p for u in units for p in u.producers}
+    return [n for n, m in model.named_modules()
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and n not in producers]
+
+
 # --------------------------------------------------------------------------- the peer
 class TorchPruningPeer:
     """Torch-Pruning's group-norm sparse learning and one global pruning step, with the hooks
@@ -194,14 +209,20 @@ class TorchPruningPeer:
         select_cost: "params" or "flops" (MACs), counted by :func:`paam_fast.count`.
         reg: λ, GroupNormPruner's ``reg``.
         round_to: GroupNormPruner's ``round_to`` (1: none).
+        scope: "all" (every coupled group Torch-Pruning finds, the residual stages too: as
+            published) or "internal" (ours, a control: only the channels that PAAM's internal
+            coupling gates; every other conv and linear goes into ``ignored_layers``, so the
+            residual stages keep their width, as under PAAM's default).
     """
 
     def __init__(self, model: nn.Module, *, input_size: tuple[int, ...], epochs: int,
                  keep: float, select_cost: str = "params", select_epoch: int | None = None,
-                 reg: float = DEFAULT_REG, round_to: int = 1) -> None:
+                 reg: float = DEFAULT_REG, round_to: int = 1, scope: str = "all") -> None:
         self.tp = require()
         if select_cost not in ("params", "flops"):
             raise ValueError(f"select_cost must be 'params' or 'flops', got {select_cost!r}")
+        if scope not in ("all", "internal"):
+            raise ValueError(f"scope must be 'all' or 'internal', got {scope!r}")
         if not (0 < keep <= 1):
             raise ValueError(f"keep must be a fraction in (0, 1], got {keep!r}")
         self.model, self.input_size = model, tuple(input_size)
@@ -214,6 +235,10 @@ class TorchPruningPeer:
         self._example = torch.zeros(self.input_size, dtype=p.dtype, device=p.device)
         self.dense = count(model, self.input_size)
         self.classifier = _classifier(model)
+        self.ignored = list(dict.fromkeys(
+            [self.classifier] + (_outside_internal_units(model, self.input_size)
+                                 if scope == "internal" else [])))
+        self.scope = scope
         self.shortcuts = replace_pad_shortcuts(model, self._example)
         self.pruner = self._make_pruner(model, pruning_ratio=0.0)  # the regularizer; its DG
         self.channels = int(self.pruner.initial_total_channels)  # N, all groups' channels
@@ -230,7 +255,7 @@ class TorchPruningPeer:
                 return tp.pruner.GroupNormPruner(
                     model, self._example, importance=tp.importance.GroupMagnitudeImportance(p=2),
                     reg=self.reg, global_pruning=True, pruning_ratio=pruning_ratio,
-                    ignored_layers=[model.get_submodule(self.classifier)],
+                    ignored_layers=[model.get_submodule(n) for n in self.ignored],
                     round_to=self.round_to if self.round_to > 1 else None,
                     customized_pruners={ScatterShortcut: _scatter_pruner(tp)})
         finally:
@@ -314,7 +339,8 @@ class TorchPruningPeer:
         if now != counts:  # the replay must build what was counted
             raise RuntimeError(f"torch-pruning: the replayed pruning counts {now}, its trial "
                                f"{counts}")
-        self.search = {"budget": budget, "select_cost": key, "kept_channels": lo,
+        self.search = {"budget": budget, "select_cost": key, "scope": self.scope,
+                       "kept_channels": lo,
                        "channels": n, "pruning_ratio": 1.0 - (lo + 0.5) / n,
                        "cost": counts[key], "cost_one_channel_more": cost(hi),
                        "trials": len(trials)}
