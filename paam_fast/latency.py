@@ -234,6 +234,27 @@ class LatencyTable:
         _apply_fit(t, fit)
         return t
 
+    def without_adds(self, structure: Structure) -> LatencyTable:
+        """A copy without the residual adds' entries (the table before they were timed: their
+        work back in the fixed part), refitted to the same measured networks -- so that the
+        two models can be compared on one run's measurements."""
+        t = copy.copy(self)
+        t.layers = [e for e in self.layers if "unit" not in e]
+        t.meta, t.check, t._bound = dict(self.meta), copy.deepcopy(self.check), {}
+
+        def layers_ms(w):
+            return sum(b.ms(w) for b in t.bind(structure))
+
+        t.meta["layers_dense_ms"] = layers_ms(structure.widths())
+        for name, frac in (("half", 0.5), ("three_quarter", 0.75)):
+            if isinstance((t.check or {}).get(name), dict):
+                alive = _fraction_alive(structure.units, frac)
+                w = structure.widths()
+                w.update({u.id: int(alive[u.name].sum()) for u in structure.units})
+                t.check[name]["layers_ms"] = layers_ms(w)
+        _apply_fit(t, self.meta.get("fit", "rest"))
+        return t
+
     # ---- files
     def to_json(self) -> dict:
         return {"format": FORMAT, **self.meta, "dense_ms": self.dense_ms,

@@ -248,6 +248,13 @@ def test_residual_adds_of_grouped_units_are_timed_and_follow_their_width(tmp_pat
     add_ms = [b for b in grouped.bind(structure) if b.cost.name == adds[0]["name"]][0]
     assert add_ms.ms(narrow) < add_ms.ms(w)
     assert cost.local(unit.id)(w) - cost.local(unit.id)(narrow) > add_ms.ms(w) - add_ms.ms(narrow)
+    # the model without them (the table before d8cd36f): their dense work in the fixed part
+    no = grouped.without_adds(structure)
+    assert not [e for e in no.layers if "unit" in e] and len(grouped.layers) == len(no.layers) + 8
+    assert no.predict(structure) == pytest.approx(grouped.predict(structure))
+    adds_bound = [b for b in grouped.bind(structure) if b.grid.op["kind"] == "add"]
+    assert no.predict(structure, narrow) == pytest.approx(
+        grouped.predict(structure, narrow) + sum(b.ms(w) - b.ms(narrow) for b in adds_bound))
     # saved and read back, the adds bind to the same units
     grouped.save(tmp_path / "t.json")
     again = LatencyTable.load(tmp_path / "t.json", model)
