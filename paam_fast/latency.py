@@ -7,19 +7,18 @@ A network whose gated units are at widths ``w`` (space id -> channels) is predic
 where l runs over the layers whose width a gated unit changes: every conv and linear layer that
 reads or writes a gated space, timed together with the BatchNorm and the activation that
 directly follow it when its output is gated (they shrink with it), and a gated BatchNorm that
-follows no such layer, alone, and (grouped coupling) every residual add of a gated space with
-the activation after it, as wide as the space.  Each t_l is measured once per distinct layer
-shape (ResNet50 repeats most of its shapes), in eval mode, forward only, at a grid of (input
-width, output width) points at the layer's real input size, stride, kernel and groups (a
-depthwise conv's one width is both), with warm-up and the median over repeats, and
-interpolated bilinearly in between.  With ``fit="rest"`` ``scale`` is 1 and ``fixed`` is the
-rest: the measured latency of the dense network minus the table's sum at dense widths (stem,
-residual adds of ungated spaces, pooling, ungated layers, the framework's overhead).
+follows no such layer, alone.  Each t_l is measured once per distinct layer shape (ResNet50
+repeats most of its shapes), in eval mode, forward only, at a grid of (input width, output
+width) points at the layer's real input size, stride, kernel and groups (a depthwise conv's one
+width is both), with warm-up and the median over repeats, and interpolated bilinearly in
+between.  With ``fit="rest"`` ``scale`` is 1 and ``fixed`` is the rest: the
+measured latency of the dense network minus the table's sum at dense widths (stem, residual
+adds, pooling, ungated layers, the framework's overhead).
 
 What the prediction leaves out: layers timed alone do not share caches with their neighbours as
-they do inside the network, and width-dependent work outside the timed blocks (an activation
-that does not directly follow its layer, a projection shortcut's input side) sits in ``fixed``
-at its dense cost.  One in-network profile on a CPU (ResNet50, batch 1, one thread, a machine busy
+they do inside the network, and width-dependent work outside the timed blocks (a residual add of
+a grouped unit, an activation that does not directly follow its layer) sits in ``fixed`` at its
+dense cost.  One in-network profile on a CPU (ResNet50, batch 1, one thread, a machine busy
 with other work) found the "fixed" rest of the half-width network ~30% below the dense one's
 (activations staying in cache more often), so that ``fit="rest"`` over-predicted it by ~10%;
 other tables on the same machine predicted it within 1%: the noise there did not settle it.
@@ -57,7 +56,6 @@ from torch import fx, nn
 
 from .bench.harness import compare_ms, wall_ms
 from .graph import ModuleCost, Structure
-from .graph_rules import _ADD_FUNCTIONS, _ADD_METHODS, _PASS_MODULES
 
 __all__ = ["LatencyTable", "Grid", "latency_table", "measure_latency", "measure_like",
            "fingerprint", "predict_ms", "FORMAT"]
@@ -127,27 +125,10 @@ class Grid:
 
 
 @dataclass
-class _SpaceWork:
-    """Width-dependent work that is no module: a residual add of a gated (grouped) space and
-    the activation after it, as wide as the space.  Quacks like the ``ModuleCost`` a
-    :class:`_Bound` reads (widths from ``w``, the space it touches)."""
-
-    name: str
-    out_space: int
-    out_dense: int
-
-    def _in(self, w: dict[int, int]) -> int:
-        return w.get(self.out_space, self.out_dense)
-
-    def touches(self, space_id: int) -> bool:
-        return space_id == self.out_space
-
-
-@dataclass
 class _Bound:
     """A table entry bound to the structure's count of that layer (its widths from ``w``)."""
 
-    cost: ModuleCost | _SpaceWork
+    cost: ModuleCost
     grid: Grid
     depthwise: bool = False
 
@@ -208,16 +189,9 @@ class LatencyTable:
         if key not in self._bound:
             self.check_structure(structure)
             costs = {c.name: c for c in structure.costs}
-            units = {u.name: u for u in structure.units}
-            bound = []
-            for e in self.layers:
-                grid = self.grids[e["grid"]]
-                if "unit" in e:  # a residual add of that unit's space
-                    u = units[e["unit"]]
-                    bound.append(_Bound(_SpaceWork(e["name"], u.id, u.width), grid))
-                else:
-                    bound.append(_Bound(costs[e["name"]], grid, bool(grid.op.get("depthwise"))))
-            self._bound[key] = (structure, bound)
+            self._bound[key] = (structure, [
+                _Bound(costs[e["name"]], self.grids[e["grid"]],
+                       bool(self.grids[e["grid"]].op.get("depthwise"))) for e in self.layers])
         return self._bound[key][1]
 
     def predict(self, structure: Structure, widths: dict[int, int] | None = None) -> float:
@@ -232,27 +206,6 @@ class LatencyTable:
         t = copy.copy(self)
         t.meta, t.check, t._bound = dict(self.meta), copy.deepcopy(self.check), {}
         _apply_fit(t, fit)
-        return t
-
-    def without_adds(self, structure: Structure) -> LatencyTable:
-        """A copy without the residual adds' entries (the table before they were timed: their
-        work back in the fixed part), refitted to the same measured networks -- so that the
-        two models can be compared on one run's measurements."""
-        t = copy.copy(self)
-        t.layers = [e for e in self.layers if "unit" not in e]
-        t.meta, t.check, t._bound = dict(self.meta), copy.deepcopy(self.check), {}
-
-        def layers_ms(w):
-            return sum(b.ms(w) for b in t.bind(structure))
-
-        t.meta["layers_dense_ms"] = layers_ms(structure.widths())
-        for name, frac in (("half", 0.5), ("three_quarter", 0.75)):
-            if isinstance((t.check or {}).get(name), dict):
-                alive = _fraction_alive(structure.units, frac)
-                w = structure.widths()
-                w.update({u.id: int(alive[u.name].sum()) for u in structure.units})
-                t.check[name]["layers_ms"] = layers_ms(w)
-        _apply_fit(t, self.meta.get("fit", "rest"))
         return t
 
     # ---- files
@@ -347,62 +300,16 @@ def _in_shape(node: fx.Node) -> tuple[int, ...]:
     return tuple(node.args[0].meta["tensor_meta"].shape)
 
 
-def _is_add(node: fx.Node) -> bool:
-    return (node.op == "call_function" and node.target in _ADD_FUNCTIONS) or (
-        node.op == "call_method" and node.target in _ADD_METHODS)
-
-
-def _space_of(node: fx.Node, costs: dict, mods: dict, depth: int = 0) -> int | None:
-    """The space a tensor node's channels belong to, found back through pass-through modules
-    and adds to the layer (conv, BN, linear) that wrote them; None if none is found."""
-    if depth > 50 or not isinstance(node, fx.Node):
-        return None
-    if node.op == "call_module" and node.target in costs:
-        return costs[node.target].out_space
-    if node.op == "call_module" and isinstance(mods.get(node.target), _PASS_MODULES) \
-            or _act_of(node, mods) is not None:
-        return _space_of(node.args[0], costs, mods, depth + 1) if node.args else None
-    if _is_add(node):
-        for a in node.args:
-            s = _space_of(a, costs, mods, depth + 1)
-            if s is not None:
-                return s
-    return None
-
-
-def _add_op(node: fx.Node, unit, mods: dict) -> dict:
-    """A residual add of a gated space (grouped coupling), timed with the activation that
-    directly follows it: elementwise work linear in the space's width, which the fixed rest
-    would otherwise keep at its dense cost (BENCHMARKS.md: grouped ResNet50 at keep 0.5 of
-    latency measured +15% over its prediction)."""
-    shape = tuple(node.meta["tensor_meta"].shape)
-    op = {"kind": "add", "out": unit.width, "out_lo": unit.groups, "hw": list(shape[2:]),
-          "act": None, "inplace": False}
-    nxt = _only_user(node)
-    act = _act_of(nxt, mods) if nxt is not None else None
-    if act is not None:
-        op["act"], op["inplace"] = act
-    return op
-
-
-def _ops(gm: fx.GraphModule, structure: Structure) -> list[tuple[str, dict, dict]]:
-    """(name, op, entry) for every layer timed, in graph order.  An op is what one measurement
+def _ops(gm: fx.GraphModule, structure: Structure) -> list[tuple[str, dict]]:
+    """(module name, op) for every layer timed, in graph order.  An op is what one measurement
     builds (JSON-able): kind, dense widths, which vary, kernel, stride, ..., input spatial size,
-    and the BN / activation timed with it; the name is the module's (a residual add's: its
-    node's, with the gated unit it belongs to in ``entry``)."""
+    and the BN / activation timed with it."""
     units = {u.id: u for u in structure.units}
     costs = {c.name: c for c in structure.costs}
     mods = dict(gm.named_modules())
     absorbed: set[str] = set()
-    out: list[tuple[str, dict, dict]] = []
+    out: list[tuple[str, dict]] = []
     for node in gm.graph.nodes:
-        tm = node.meta.get("tensor_meta")
-        if _is_add(node) and len(getattr(tm, "shape", ())) == 4:
-            sid = _space_of(node, costs, mods)
-            if sid in units:
-                out.append((node.name, _add_op(node, units[sid], mods),
-                            {"unit": units[sid].name}))
-            continue
         if node.op != "call_module" or node.target not in costs:
             continue
         c, m = costs[node.target], mods[node.target]
@@ -413,7 +320,7 @@ def _ops(gm: fx.GraphModule, structure: Structure) -> list[tuple[str, dict, dict
             if out_var and node.target not in absorbed:
                 h, w_ = _in_shape(node)[2:]
                 out.append((node.target, {"kind": "bn", "out": c.out_dense, "out_lo":
-                                          units[c.out_space].groups, "hw": [h, w_]}, {}))
+                                          units[c.out_space].groups, "hw": [h, w_]}))
             continue
         if c.kind not in ("conv", "dwconv", "linear") or not (out_var or in_var):
             continue
@@ -447,7 +354,7 @@ def _ops(gm: fx.GraphModule, structure: Structure) -> list[tuple[str, dict, dict
         act = _act_of(nxt, mods) if nxt is not None else None
         if act is not None:
             op["act"], op["inplace"] = act
-        out.append((node.target, op, {}))
+        out.append((node.target, op))
     return out
 
 
@@ -474,7 +381,7 @@ def _axis(lo: int, hi: int, step: int, grid) -> list[int]:
 
 
 def _op_axes(op: dict, grid) -> tuple[list[int], list[int]]:
-    if op["kind"] in ("bn", "add"):
+    if op["kind"] == "bn":
         return [op["out"]], _axis(op["out_lo"], op["out"], op["out_lo"], grid)
     ins = _axis(op["in_lo"], op["in"], op["in_step"], grid) if op["in_var"] else [op["in"]]
     outs = _axis(op["out_lo"], op["out"], op["out_lo"], grid) if op["out_var"] else [op["out"]]
@@ -486,17 +393,6 @@ def _runner(op: dict, i: int, o: int, batch: int, device, dtype, channels_last: 
     """A forward of the layer ``op`` at widths (i, o): fresh random weights and input."""
     kw = {"device": device, "dtype": dtype}
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    if op["kind"] == "add":  # into a preallocated result, as the in-place `out += identity`
-        a, b, y = (torch.randn(batch, o, *op["hw"], **kw).contiguous(memory_format=fmt)
-                   for _ in range(3))
-        act = _ACT_FN[op["act"]] if op.get("act") else None
-
-        def add():
-            with torch.inference_mode():
-                torch.add(a, b, out=y)
-                return act(y, True) if act is not None else y
-
-        return add
     if op["kind"] == "bn":
         mod = nn.BatchNorm2d(o, **kw).eval()
         x = torch.randn(batch, o, *op["hw"], **kw).contiguous(memory_format=fmt)
@@ -674,12 +570,12 @@ def _shapes(ops) -> tuple[list[dict], list[dict]]:
     keys: dict[str, int] = {}
     shapes: list[dict] = []
     layers = []
-    for name, op, entry in ops:
+    for name, op in ops:
         k = json.dumps(op, sort_keys=True)
         if k not in keys:
             keys[k] = len(shapes)
             shapes.append(op)
-        layers.append({"name": name, "grid": keys[k], **entry})
+        layers.append({"name": name, "grid": keys[k]})
     return shapes, layers
 
 

@@ -26,7 +26,7 @@ from paam_fast.train import main
 def macs_timer(op, i, o):
     """ms ∝ the layer's MACs (BN: its elements) plus a small per-layer overhead: monotone in
     both widths, like a device without vector-width effects."""
-    if op["kind"] in ("bn", "add"):
+    if op["kind"] == "bn":
         return 1e-6 * o * math.prod(op["hw"]) + 0.002
     if op["kind"] == "linear":
         return 1e-6 * i * op["k"] * o * math.prod(op["lead"]) + 0.002
@@ -215,53 +215,6 @@ def test_refit_fits_the_rest_and_the_scale_to_the_measured_networks():
     assert bad.meta["fit"] == "rest" and "fit_refused" in bad.meta
     table.dense_ms = 0.5 * s_dense  # the layers alone took longer than the whole network
     assert "noise" in table.refit("rest").meta["warning"]
-
-
-def test_residual_adds_of_grouped_units_are_timed_and_follow_their_width(tmp_path):
-    """With grouped coupling a residual add (and the ReLU after it) is as wide as a gated
-    space: the table times it at that space's widths instead of leaving it in the fixed rest;
-    with internal coupling no add is gated and none is timed."""
-    import torchvision
-
-    from paam_fast.latency import _runner
-
-    def table(coupling):
-        model = pf.paamify(torchvision.models.resnet18(num_classes=10), coupling=coupling,
-                           input_size=(1, 3, 32, 32))
-        return model, latency_table(model, batch=2, grid=3, timer=macs_timer)
-
-    _, internal = table("internal")
-    assert not [e for e in internal.layers if "unit" in e]
-    model, grouped = table("grouped")
-    structure = controller(model).structure
-    adds = [e for e in grouped.layers if "unit" in e]
-    assert len(adds) == 8  # one per BasicBlock
-    ops = [grouped.grids[e["grid"]].op for e in adds]
-    assert all(op["kind"] == "add" and op["act"] == "relu" for op in ops)
-    units = {u.name: u for u in structure.units}
-    unit = units[adds[0]["unit"]]
-    assert ops[0]["out"] == unit.width
-    # the add shrinks with its unit: part of that unit's local cost, and of the total
-    cost = LatencyCost(structure, grouped)
-    w = structure.widths()
-    narrow = {**w, unit.id: unit.width // 2}
-    add_ms = [b for b in grouped.bind(structure) if b.cost.name == adds[0]["name"]][0]
-    assert add_ms.ms(narrow) < add_ms.ms(w)
-    assert cost.local(unit.id)(w) - cost.local(unit.id)(narrow) > add_ms.ms(w) - add_ms.ms(narrow)
-    # the model without them (the table before d8cd36f): their dense work in the fixed part
-    no = grouped.without_adds(structure)
-    assert not [e for e in no.layers if "unit" in e] and len(grouped.layers) == len(no.layers) + 8
-    assert no.predict(structure) == pytest.approx(grouped.predict(structure))
-    adds_bound = [b for b in grouped.bind(structure) if b.grid.op["kind"] == "add"]
-    assert no.predict(structure, narrow) == pytest.approx(
-        grouped.predict(structure, narrow) + sum(b.ms(w) - b.ms(narrow) for b in adds_bound))
-    # saved and read back, the adds bind to the same units
-    grouped.save(tmp_path / "t.json")
-    again = LatencyTable.load(tmp_path / "t.json", model)
-    assert again.predict(structure, narrow) == pytest.approx(grouped.predict(structure, narrow))
-    # what a measured table runs for an add: the sum and the activation, at the asked width
-    y = _runner(ops[0], ops[0]["out"], 5, 2, "cpu", torch.float32, False)()
-    assert y.shape == (2, 5, *ops[0]["hw"]) and (y >= 0).all()
 
 
 def test_save_load_round_trip_and_a_foreign_table_is_refused(tmp_path):

@@ -163,21 +163,9 @@ def _networks(a, model, ctrl, table, dev):
     return rows, models, skipped
 
 
-def _read(rows, got, table, models, size, structure):
+def _read(rows, got, table, models, size):
     """Each row's measured figures, errors and counts; returns the other fit (or None)."""
     d = got["dense"]["median_ms"]
-    # a table with residual adds timed (grouped): the same measurements under the model
-    # without them (their work in the fixed part), for each network
-    no_adds = table.without_adds(structure) if any("unit" in e for e in table.layers) else None
-    for name, row in rows.items():
-        if no_adds is not None:
-            w = structure.widths()
-            if "widths" in row:
-                w.update({u.id: row["widths"][u.name] for u in structure.units})
-            p = no_adds.predict(structure, w)
-            row["predicted_ms_no_adds"] = p
-            row["error_vs_dense_no_adds"] = (got[name]["median_ms"] / d) / (
-                p / no_adds.dense_ms) - 1
     # the same networks predicted by the other fit of the same measurements
     other = "scale" if table.meta.get("fit") == "rest" else "rest"
     alt = table.refit(other) if table.check and "half" in table.check else None
@@ -226,13 +214,9 @@ def main(argv=None) -> dict:
     rows, models, skipped = _networks(a, model, ctrl, table, dev)
     got = measure_like(table, models, dev, rounds=a.rounds)
     clock = table.meta.get("clock", "wall")
-    alt = _read(rows, got, table, models, size, ctrl.structure)
+    alt = _read(rows, got, table, models, size)
     fit = table.meta.get("fit", "rest")
     _print_rows(rows, alt.meta["fit"] if alt is not None else None)
-    if any("error_vs_dense_no_adds" in r for r in rows.values()):
-        print("÷dense err without the residual adds' entries (their work in the fixed part, "
-              "refitted to the same measurements): " + ", ".join(
-                  f"{n} {r['error_vs_dense_no_adds']:+.1%}" for n, r in rows.items()))
     res = {"arch": a.arch, "size": a.size, "batch": a.batch, "device_kind": dev,
            "threads": torch.get_num_threads(), "round_to": a.round_to,
            # the whole table, and each network's widths (rows): its predictions can be
