@@ -129,6 +129,11 @@ GRIDS = {
         # `paam key=taylor same-pipeline uniform`, is PAAM's joint phase or its key worth anything?
         ("slim same-pipeline uniform", ["--fork-from", "{runs}/slim_both0.3_beta1-s{seed}",
                                         "--method", "slim", "--select-allocation", "uniform"]),
+        # the pipeline with nothing but dense training before the cut: no regularizer in the
+        # 4 epochs (slim at λ = 0), uniform thinning's widths, |γ| choosing inside each unit --
+        # do the warm starts above need their sparsity term at all?
+        ("slim lam=0 same-pipeline uniform", ["--method", "slim", "--lam", "0",
+                                              "--select-allocation", "uniform"]),
         # controls and the per-filter path of the scoring network
         ("random", ["--method", "random"]),
         # random widths (each seed its own draw) at uniform thinning's params *and* MACs, trained
