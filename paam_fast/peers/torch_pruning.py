@@ -235,9 +235,9 @@ class TorchPruningPeer:
         self._example = torch.zeros(self.input_size, dtype=p.dtype, device=p.device)
         self.dense = count(model, self.input_size)
         self.classifier = _classifier(model)
-        self.ignored = list(dict.fromkeys(
-            [self.classifier] + (_outside_internal_units(model, self.input_size)
-                                 if scope == "internal" else [])))
+        # (the classifier writes no gated channel: "internal" ignores it too)
+        self.ignored = (_outside_internal_units(model, self.input_size)
+                        if scope == "internal" else [self.classifier])
         self.scope = scope
         self.shortcuts = replace_pad_shortcuts(model, self._example)
         self.pruner = self._make_pruner(model, pruning_ratio=0.0)  # the regularizer; its DG
