@@ -15,7 +15,7 @@ import paam_fast.train as T
 
 def probe(out: str) -> str:
     args = T.build_parser().parse_args(["--epochs", "2", "--out", out, "--quiet"])
-    T._resolve(args)
+    T.resolve(args)
     r = T.Run(args, T.Dist())
     assert r.load_checkpoint(), f"no checkpoint in {out}"
     state = copy.deepcopy(r.model.state_dict())

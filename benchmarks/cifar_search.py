@@ -222,9 +222,9 @@ def _launch(cmd: list[str], out: str, args) -> tuple[list[str], str | None]:
                          "continue it with its own saved command, or remove it")
     with open(os.path.join(out, "config.json")) as f:
         saved = json.load(f)
-    from paam_fast.train import _resolve, build_parser
+    from paam_fast.train_options import build_parser, resolve
 
-    now = vars(_resolve(build_parser().parse_args(cmd[2:])))
+    now = vars(resolve(build_parser().parse_args(cmd[2:])))
     differ = [k for k in now if k in saved and saved[k] != now[k] and k not in
               ("out", "resume", "quiet", "device")]
     if differ:

@@ -61,16 +61,16 @@ def test_init_bias_under_normalize_none_starts_at_leaky_exp_of_b0():
 
 
 def test_default_init_bias_is_minus_two_under_max_and_zero_under_none():
-    from paam_fast.train import _resolve, build_parser
+    from paam_fast.train_options import build_parser, resolve
 
     for normalize, b0 in (("max", -2.0), ("none", 0.0)):
         model = _tiny(normalize=normalize)
         assert all(bool((g.b == b0).all()) for g in model.paam.groups), normalize
-        args = _resolve(build_parser().parse_args(["--normalize", normalize]))
+        args = resolve(build_parser().parse_args(["--normalize", normalize]))
         assert args.init_bias == b0, normalize
     # an explicit b0 wins over the default, 0 included
     assert all(bool((g.b == 0).all()) for g in _tiny(init_bias=0).paam.groups)
-    assert _resolve(build_parser().parse_args(["--init-bias", "0"])).init_bias == 0.0
+    assert resolve(build_parser().parse_args(["--init-bias", "0"])).init_bias == 0.0
     # and under "none" the default start is exactly dense (leaky_exp(0) = 1)
     model = _tiny(normalize="none")
     model(torch.randn(2, 3, 8, 8))

@@ -242,9 +242,9 @@ def test_retrain_trains_the_widths_of_a_paam_run_from_scratch(tmp_path):
 
 
 def test_new_options_reach_the_model_and_the_scheduler():
-    from paam_fast.train import Dist, Run, _resolve, build_parser
+    from paam_fast.train import Dist, Run, build_parser, resolve
 
-    args = _resolve(build_parser().parse_args(["--init-bias", "-2", "--score-warmup", "2",
+    args = resolve(build_parser().parse_args(["--init-bias", "-2", "--score-warmup", "2",
                                                "--penalty-balance", "unit", "--epochs", "4"]))
     r = Run(args, Dist())
     assert all(bool((g.b == -2).all()) for g in r.model.paam.groups)
@@ -353,9 +353,9 @@ def test_a_fork_with_the_sources_selection_is_the_source_run_and_others_branch(t
      ("gate", "params", 0.0)),
 ])
 def test_selection_defaults(argv, want):
-    from paam_fast.train import _resolve, build_parser
+    from paam_fast.train_options import build_parser, resolve
 
-    a = _resolve(build_parser().parse_args(argv))
+    a = resolve(build_parser().parse_args(argv))
     assert (a.select_key, a.select_cost, a.select_beta) == want
 
 
