@@ -108,6 +108,15 @@ GRIDS = {
                                                 "--select-cost", "latency", "--select-beta", "1",
                                                 "--keep", "0.5", "--latency-table",
                                                 _LATENCY_TABLE]),
+        # a severer budget: does the allocation matter more when every unit is cut harder?
+        # The default at 0.15 of params and MACs, and the same fork at uniform thinning's
+        # widths (the allocation's share, paired on one joint phase)
+        ("paam key=taylor both=0.15 beta=1", [*_FORK, "--select-key", "taylor", "--select-cost",
+                                              "params+flops", "--select-beta", "1", "--keep",
+                                              "0.15"]),
+        ("paam key=taylor same-pipeline uniform keep=0.15", [*_FORK, "--select-key", "taylor",
+                                                              "--select-allocation", "uniform",
+                                                              "--keep", "0.15"]),
         # the uniform curve: its accuracy against params and MACs at more budgets
         ("uniform keep=0.15", ["--method", "uniform", "--keep", "0.15"]),
         ("uniform keep=0.5", ["--method", "uniform", "--keep", "0.5"]),
