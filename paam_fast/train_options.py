@@ -129,8 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="what --keep and --target are fractions of (params+flops: both at once, the network "
            "at most that fraction of dense in parameters and in MACs; default params+flops for "
            "paam, uniform and random with a --keep budget, params otherwise; paam's default "
-           "selection is then --select-key taylor --select-beta 1, value per joint cost, chosen "
-           "on paired seeds (RESULTS.md); the paper-literal selection is --select-key gate "
+           "selection is then --select-key taylor --select-beta 1, value per joint cost (with "
+           "--select-cost flops: value per MAC), chosen on paired seeds (RESULTS.md); the "
+           "paper-literal selection is --select-key gate "
            "--select-cost params --select-beta 0; latency: the dense "
            "network's latency "
            "predicted by a table measured on the training device at the start, or read from "
@@ -147,12 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
       help="what selection ranks filters by (ours): gate = g; unit_mean = g / its unit's mean g "
            "(comparable across units of different widths); taylor = |g·dL/dg| over "
            "--taylor-batches training batches (the filter's first-order effect on the loss). "
-           "Default: taylor for paam with a --keep budget in params+flops, gate otherwise")
+           "Default: taylor for paam with a --keep budget in params+flops or flops, gate otherwise")
     a("--taylor-batches", type=int, default=20, help="training batches the Taylor key "
       "averages over at selection (--select-key taylor)")
     a("--select-beta", type=float, default=None, help="divide the selection key by each "
       "filter's cost (in --select-cost) to this power (ours): 0 = the key itself, 1 = value per "
-      "cost (default 1 for paam with a --keep budget in params+flops, 0 otherwise)")
+      "cost (default 1 for paam with a --keep budget in params+flops or flops, 0 otherwise)")
     a("--select-allocation", default="global", choices=["global", "uniform"],
       help="global: one ranking over all units sets the widths (PAAM); uniform: the uniform "
            "baseline's widths, each unit keeping its own best filters (a control, ours)")
@@ -354,17 +355,19 @@ def _selection_defaults(args) -> None:
     params+MACs budget so that the baselines land at the same point: on the CIFAR proxy this
     beat uniform thinning at equal parameters and MACs over 5 paired seeds (RESULTS.md, "Value
     per joint cost"), where the paper-literal gate over parameters tied it at equal parameters
-    and spent 1.7× its MACs.  Mass and target modes (they read the gates' mass), Network
+    and spent 1.7× its MACs.  Under a MAC budget alone (--select-cost flops) PAAM selects by value
+    per MAC, the Taylor key divided by each filter's MACs.  Mass and target modes (they read the gates' mass), Network
     Slimming and Torch-Pruning (peers, as published) keep the gate over parameters.  An option
     given on the command line is never overridden."""
     budget = args.keep is not None and args.mass is None and args.target is None
     joint = budget and args.method in ("paam", "uniform", "random")
     if args.select_cost is None:
         args.select_cost = "params+flops" if joint else LEGACY_SELECTION["select_cost"]
-    # the evidence is for the triple (Taylor key, params+MACs budget, β = 1); under another
-    # budget the old defaults stay (the Taylor key at β = 0 under a MAC or a latency budget
-    # alone lost to uniform thinning by 4–5 points in the one seed each that measured it)
-    chosen = budget and args.method == "paam" and args.select_cost == "params+flops"
+    # the evidence is for the Taylor key at β = 1 under a params+MACs budget and under a MAC
+    # budget alone (value per MAC beat the gate there over 5 paired seeds, RESULTS.md "value
+    # per MAC"); under a parameter or a latency budget the old defaults stay (the Taylor key
+    # per predicted ms lost to the gate at half latency, 2 seeds)
+    chosen = budget and args.method == "paam" and args.select_cost in ("params+flops", "flops")
     if args.select_key is None:
         args.select_key = "taylor" if chosen else LEGACY_SELECTION["select_key"]
     if args.select_beta is None:

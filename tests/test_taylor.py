@@ -165,6 +165,13 @@ def test_paam_train_taylor_key_fork_and_refusals(tmp_path, capsys):
     rep = _report(both)
     assert rep["params_final"] <= 0.5 * rep["params_dense"]
     assert rep["flops_final"] <= 0.5 * rep["flops_dense"]
+    # a MAC budget alone defaults to value per MAC: the Taylor key over each filter's MACs
+    macs = str(tmp_path / "macs")
+    assert main(common + ["--fork-from", src, "--taylor-batches", "2", "--select-cost", "flops",
+                          "--out", macs]) == 0
+    rep = _report(macs)
+    assert (rep["config"]["select_key"], rep["config"]["select_beta"]) == ("taylor", 1.0)
+    assert rep["flops_final"] <= 0.5 * rep["flops_dense"]
     for argv, msg in ((["--method", "slim", "--select-key", "taylor"], "has no such gates"),
                       (["--select-key", "taylor", "--mass", "0.9"], "needs a budget"),
                       (["--taylor-batches", "0"], "--taylor-batches must be")):

@@ -345,9 +345,13 @@ def test_a_fork_with_the_sources_selection_is_the_source_run_and_others_branch(t
     (["--method", "slim"], ("gate", "params", 0.0)),
     (["--method", "dense"], ("gate", "params", 0.0)),
     # an option given is never overridden; the Taylor key and β = 1 come together with the
-    # params+MACs budget (the evidence is for that triple), other budgets keep the old defaults
+    # params+MACs and the MAC budgets (the evidence is for those), other budgets keep the old
+    # defaults
     (["--select-cost", "params"], ("gate", "params", 0.0)),
-    (["--select-cost", "flops", "--select-beta", "1"], ("gate", "flops", 1.0)),
+    (["--select-cost", "flops"], ("taylor", "flops", 1.0)),
+    (["--select-cost", "flops", "--select-key", "gate", "--select-beta", "0"],
+     ("gate", "flops", 0.0)),
+    (["--select-cost", "latency", "--keep", "0.5"], ("gate", "latency", 0.0)),
     (["--select-key", "unit_mean"], ("unit_mean", "params+flops", 1.0)),
     (["--select-key", "gate", "--select-cost", "params", "--select-beta", "0"],
      ("gate", "params", 0.0)),
