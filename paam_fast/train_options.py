@@ -355,10 +355,10 @@ def _selection_defaults(args) -> None:
     params+MACs budget so that the baselines land at the same point: on the CIFAR proxy this
     beat uniform thinning at equal parameters and MACs over 5 paired seeds (RESULTS.md, "Value
     per joint cost"), where the paper-literal gate over parameters tied it at equal parameters
-    and spent 1.7× its MACs.  Under a MAC budget alone (--select-cost flops) PAAM selects by value
-    per MAC, the Taylor key divided by each filter's MACs.  Mass and target modes (they read the gates' mass), Network
-    Slimming and Torch-Pruning (peers, as published) keep the gate over parameters.  An option
-    given on the command line is never overridden."""
+    and spent 1.7× its MACs.  Under a MAC budget alone (--select-cost flops) PAAM selects by
+    value per MAC, the Taylor key divided by each filter's MACs.  Mass and target modes (they
+    read the gates' mass), Network Slimming and Torch-Pruning (peers, as published) keep the
+    gate over parameters.  An option given on the command line is never overridden."""
     budget = args.keep is not None and args.mass is None and args.target is None
     joint = budget and args.method in ("paam", "uniform", "random")
     if args.select_cost is None:
