@@ -245,7 +245,7 @@ def test_new_options_reach_the_model_and_the_scheduler():
     from paam_fast.train import Dist, Run, build_parser, resolve
 
     args = resolve(build_parser().parse_args(["--init-bias", "-2", "--score-warmup", "2",
-                                               "--penalty-balance", "unit", "--epochs", "4"]))
+                                              "--penalty-balance", "unit", "--epochs", "4"]))
     r = Run(args, Dist())
     assert all(bool((g.b == -2).all()) for g in r.model.paam.groups)
     assert r.pruner.balance == "unit"
