@@ -117,6 +117,13 @@ GRIDS = {
         ("paam key=taylor same-pipeline uniform keep=0.15", [*_FORK, "--select-key", "taylor",
                                                               "--select-allocation", "uniform",
                                                               "--keep", "0.15"]),
+        # the peer and the plain warm start at 0.15: Torch-Pruning (params budget, stages cut
+        # too), and 4 epochs of dense training then uniform widths by |γ| (at 0.3 that warm
+        # start alone matched the default)
+        ("torch-pruning keep=0.15", ["--method", "torch-pruning", "--keep", "0.15"]),
+        ("slim lam=0 same-pipeline uniform keep=0.15", ["--method", "slim", "--lam", "0",
+                                                        "--select-allocation", "uniform",
+                                                        "--keep", "0.15"]),
         # the uniform curve: its accuracy against params and MACs at more budgets
         ("uniform keep=0.15", ["--method", "uniform", "--keep", "0.15"]),
         ("uniform keep=0.5", ["--method", "uniform", "--keep", "0.5"]),
