@@ -117,6 +117,10 @@ GRIDS = {
         ("paam key=taylor same-pipeline uniform keep=0.15", [*_FORK, "--select-key", "taylor",
                                                               "--select-allocation", "uniform",
                                                               "--keep", "0.15"]),
+        # the widths the default chose at 0.15, trained from scratch like uniform thinning: at
+        # 0.3 they tied it (the gain was the warm start); at 0.15, is it the widths?
+        ("retrain key=taylor both=0.15 beta=1",
+         ["--method", "retrain", "--retrain", "{runs}/paam_keytaylor_both0.15_beta1-s{seed}"]),
         # the peer and the plain warm start at 0.15: Torch-Pruning (params budget, stages cut
         # too), and 4 epochs of dense training then uniform widths by |γ| (at 0.3 that warm
         # start alone matched the default)
