@@ -18,7 +18,8 @@ import torch
 # Options a fork may set differently from its source: what happens at and after selection, and
 # how the run is executed or logged.  Everything else shaped the joint phase and must match.
 FORK_FREE = frozenset({
-    "out", "resume", "max_steps", "quiet", "fork_from", "data", "cache", "device", "workers",
+    "out", "resume", "max_steps", "stop_at_selection", "quiet", "fork_from", "data", "cache",
+    "device", "workers",
     "keep", "mass", "select_cost", "select_key", "select_beta", "select_allocation", "min_keep",
     "round_to", "after_select", "steps", "final_epoch", "bn_reestimate", "channels_last",
     "compile", "cuda_graphs", "latency_table", "latency_batch", "latency_fit", "taylor_batches",

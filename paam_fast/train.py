@@ -563,17 +563,24 @@ class Run:
                         all_sum(buf, self.d).div_(self.d.world)
         return n
 
+    def at_selection(self) -> bool:
+        """The epoch just trained is the last of the joint phase: its end selects."""
+        return (self.pruner is not None and self.pruner.events_done == 0
+                and self.epoch + 1 == self.pruner.select_epoch)
+
+    def save_presel(self, loss: float, acc: float) -> None:
+        """The state a fork starts from: the joint phase done, the selection not yet (with the
+        last forward's gates, which the selection ranks)."""
+        ctrl = controller(self.model)
+        last = ctrl._last.value
+        names = [[ctrl.units[i].name for i in idx] for idx in ctrl.group_units]
+        self.save_checkpoint(fork.presel_path(self.args.out), last_loss=loss, last_acc=acc,
+                             last_gates=[g.detach().clone() for g in last or []],
+                             last_gate_units=json.dumps(names))
+
     def epoch_end(self, loss: float, acc: float, t0: float) -> list[dict]:
-        if self.pruner is not None and self.pruner.events_done == 0 \
-                and self.epoch + 1 == self.pruner.select_epoch:
-            # the state a fork starts from: the joint phase done, the selection not yet
-            # (with the last forward's gates, which the selection ranks)
-            ctrl = controller(self.model)
-            last = ctrl._last.value
-            names = [[ctrl.units[i].name for i in idx] for idx in ctrl.group_units]
-            self.save_checkpoint(fork.presel_path(self.args.out), last_loss=loss, last_acc=acc,
-                                 last_gates=[g.detach().clone() for g in last or []],
-                                 last_gate_units=json.dumps(names))
+        if self.at_selection():
+            self.save_presel(loss, acc)
         events = (self.pruner.epoch_end(self.epoch) if self.pruner is not None
                   else self.peer.epoch_end(self.epoch) if self.peer is not None else [])
         if self.peer is not None and any(e["event"] == "compact" for e in events):
@@ -786,6 +793,12 @@ def run(args: argparse.Namespace) -> dict | None:
                 if d.main:
                     print(f"stopped after {r.global_step} steps (--max-steps); the last "
                           f"checkpoint is epoch {r.epoch}: continue with --resume --out {args.out}")
+                return None
+            if args.stop_at_selection and r.at_selection():
+                r.save_presel(loss, acc)
+                if d.main:
+                    print(f"stopped at the selection (--stop-at-selection) after epoch "
+                          f"{r.epoch + 1}: fork from it with --fork-from {args.out}")
                 return None
             events = r.epoch_end(loss, acc, t0)
             h = r.history[-1]

@@ -216,6 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
       "checkpoint (its presel.pt, written at the selection epoch) and apply this run's "
       "selection: rules compared on one identical joint phase (ours); every option that shaped "
       "the joint phase must equal RUN's")
+    a("--stop-at-selection", action="store_true", help="the joint phase only: stop once the "
+      "pre-selection checkpoint (presel.pt, what --fork-from starts from) is written, before "
+      "any selection; no report.json. Train each seed's joint phase once, then fork every rule "
+      "from it")
     a("--max-steps", type=int, default=None, help="stop after this many optimizer steps in "
       "total (a smoke test, or a planned interruption: continue with --resume)")
     a("--quiet", action="store_true", help="no progress bars")
@@ -320,6 +324,13 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise UsageError(f"--method {args.method} needs --keep (the parameter budget)")
     if args.dataset != "digits" and not args.data:
         raise UsageError(f"--dataset {args.dataset} needs --data PATH\n{D.LAYOUTS}")
+    if args.stop_at_selection:
+        if args.method not in ("paam", "slim"):
+            raise UsageError(f"--stop-at-selection stops before a selection; --method "
+                             f"{args.method} has none")
+        if args.fork_from is not None:
+            raise UsageError("--stop-at-selection with --fork-from: a fork starts at the "
+                             "selection, there is no joint phase to stop after")
     if args.fork_from is not None:
         if args.method not in ("paam", "slim"):
             raise UsageError(f"--fork-from forks a selection; --method {args.method} has none")

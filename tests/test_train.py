@@ -332,6 +332,37 @@ def test_a_fork_with_the_sources_selection_is_the_source_run_and_others_branch(t
     assert "--lam" in capsys.readouterr().err
 
 
+def test_stop_at_selection_writes_the_full_runs_presel_and_stops(tmp_path, capsys):
+    """The joint phase alone (--stop-at-selection) leaves the same pre-selection state as a
+    whole run does at its selection epoch, and nothing after it."""
+    common = ["--epochs", "3", "--select-epoch", "1", "--quiet", *SMALL]
+    full, joint = str(tmp_path / "full"), str(tmp_path / "joint")
+    assert main(common + ["--max-steps", "20", "--out", full]) == 0
+    assert main(common + ["--stop-at-selection", "--out", joint]) == 0
+    assert "stopped at the selection" in capsys.readouterr().out
+    assert not os.path.exists(os.path.join(joint, "report.json"))
+    assert not os.path.exists(os.path.join(joint, "metrics.jsonl"))  # no epoch end ran
+    a, b = (torch.load(os.path.join(p, "presel.pt"), weights_only=True) for p in (full, joint))
+    assert a["epoch"] == b["epoch"] == 0 and a["global_step"] == b["global_step"]
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    for x, y in zip(a["last_gates"], b["last_gates"]):
+        assert torch.equal(x, y)
+    # a fork accepts it as a source (the flag is not a joint-phase option)
+    fork_out = str(tmp_path / "fork")
+    assert main(common + ["--max-steps", "12", "--fork-from", joint, "--out", fork_out]) == 0
+    assert _metrics(fork_out)[0]["events"][0]["event"] == "select"
+
+
+@pytest.mark.parametrize("argv,err", [
+    (["--method", "dense", "--stop-at-selection"], "has none"),
+    (["--stop-at-selection", "--fork-from", "x"], "a fork starts at the selection"),
+])
+def test_stop_at_selection_refuses_runs_without_a_joint_phase(tmp_path, capsys, argv, err):
+    assert main(argv + ["--out", str(tmp_path / "x")]) == 2
+    assert err in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv,want", [
     # paam with a budget: the Taylor key per joint cost, chosen on paired seeds (RESULTS.md)
     ([], ("taylor", "params+flops", 1.0)),
