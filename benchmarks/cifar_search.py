@@ -117,6 +117,14 @@ GRIDS = {
         ("paam key=taylor same-pipeline uniform keep=0.15", [*_FORK, "--select-key", "taylor",
                                                               "--select-allocation", "uniform",
                                                               "--keep", "0.15"]),
+        # at 0.15 the same joint phase cut once to uniform widths lands below uniform thinning
+        # from scratch (its warm start no longer pays): the default's rule reaching 0.15 in 4
+        # equal masked steps between the selection epoch and half the run (--after-select
+        # masked, PAAM_METHOD.md), the network adapting between cuts
+        ("paam key=taylor both=0.15 beta=1 masked", [*_FORK, "--select-key", "taylor",
+                                                     "--select-cost", "params+flops",
+                                                     "--select-beta", "1", "--keep", "0.15",
+                                                     "--after-select", "masked"]),
         # the widths the default chose at 0.15, trained from scratch like uniform thinning: at
         # 0.3 they tied it (the gain was the warm start); at 0.15, is it the widths?
         ("retrain key=taylor both=0.15 beta=1",
