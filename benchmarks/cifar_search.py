@@ -125,6 +125,14 @@ GRIDS = {
                                                      "--select-cost", "params+flops",
                                                      "--select-beta", "1", "--keep", "0.15",
                                                      "--after-select", "masked"]),
+        # Torch-Pruning's edge at 0.15 may be the stage channels it cuts (PAAM's default keeps
+        # the residual stages whole): PAAM's joint phase with the stages gated too (grouped
+        # coupling), stopped at the selection, and the default's rule forked from it
+        ("paam grouped", ["--coupling", "grouped", "--stop-at-selection"]),
+        ("paam grouped key=taylor both=0.15 beta=1", [
+            "--fork-from", "{runs}/paam_grouped-s{seed}", "--coupling", "grouped",
+            "--select-key", "taylor", "--select-cost", "params+flops", "--select-beta", "1",
+            "--keep", "0.15"]),
         # the widths the default chose at 0.15, trained from scratch like uniform thinning: at
         # 0.3 they tied it (the gain was the warm start); at 0.15, is it the widths?
         ("retrain key=taylor both=0.15 beta=1",
@@ -241,7 +249,8 @@ def _launch(cmd: list[str], out: str, args) -> tuple[list[str], str | None]:
     silently: a finished run (report.json) is not rerun (returns None), a half-finished one
     is resumed only if its saved configuration is the one this command would write, and the
     row then says "resumed"; any other folder content is an error."""
-    if os.path.exists(os.path.join(out, "report.json")):
+    if os.path.exists(os.path.join(out, "report.json")) or (
+            "--stop-at-selection" in cmd and os.path.exists(os.path.join(out, "presel.pt"))):
         return None, "finished"
     if not os.path.isdir(out) or not os.listdir(out):
         return cmd, None
@@ -281,10 +290,16 @@ def run_grid(args) -> None:
                 print(f"{name} seed {seed}: {out} is finished but not in {args.results}; "
                       "not rerun, not recorded", flush=True)
                 continue
+            joint_only = "--stop-at-selection" in cmd
             t = time.time()
             res = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, env=env)
             if res.returncode != 0:
                 print(f"FAILED {name} seed {seed}: {res.stderr[-2000:]}", flush=True)
+                continue
+            if joint_only:  # a joint phase for forks: no report, no row (its command is the
+                # grid's at this commit, and config.json in the folder)
+                print(f"{name} seed {seed}: joint phase written to {out} "
+                      f"({time.time() - t:.0f} s)", flush=True)
                 continue
             row = _row(name, seed, out, cmd, time.time() - t, how, args)
             with open(args.results, "a") as f:

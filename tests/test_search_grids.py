@@ -41,3 +41,21 @@ def test_run_folder_names_are_unique():
     for grid, entries in cs.GRIDS.items():
         names = [n.replace(" ", "_").replace("=", "") for n, _ in entries]
         assert len(names) == len(set(names)), grid
+
+
+def test_a_joint_phase_setting_is_finished_once_its_presel_is_written(tmp_path):
+    """A setting with --stop-at-selection leaves no report.json: its presel.pt is its end, and
+    the driver must neither rerun it nor call its folder an unfinished run."""
+    out = tmp_path / "paam_grouped-s0"
+    cmd = ["-m", "paam_fast.train", "--stop-at-selection", "--out", str(out)]
+    args = types.SimpleNamespace(resume_partial=False)
+    assert cs._launch(cmd, str(out), args) == (cmd, None)  # nothing there yet: run it
+    out.mkdir()
+    (out / "ckpt.pt").write_bytes(b"")
+    with pytest.raises(SystemExit, match="unfinished"):  # stopped before its selection
+        cs._launch(cmd, str(out), args)
+    (out / "presel.pt").write_bytes(b"")
+    assert cs._launch(cmd, str(out), args) == (None, "finished")
+    # a whole run's folder with a presel.pt but no report is still unfinished
+    with pytest.raises(SystemExit, match="unfinished"):
+        cs._launch(["-m", "paam_fast.train", "--out", str(out)], str(out), args)
