@@ -125,14 +125,6 @@ GRIDS = {
                                                      "--select-cost", "params+flops",
                                                      "--select-beta", "1", "--keep", "0.15",
                                                      "--after-select", "masked"]),
-        # Torch-Pruning's edge at 0.15 may be the stage channels it cuts (PAAM's default keeps
-        # the residual stages whole): PAAM's joint phase with the stages gated too (grouped
-        # coupling), stopped at the selection, and the default's rule forked from it
-        ("paam grouped", ["--coupling", "grouped", "--stop-at-selection"]),
-        ("paam grouped key=taylor both=0.15 beta=1", [
-            "--fork-from", "{runs}/paam_grouped-s{seed}", "--coupling", "grouped",
-            "--select-key", "taylor", "--select-cost", "params+flops", "--select-beta", "1",
-            "--keep", "0.15"]),
         # the widths the default chose at 0.15, trained from scratch like uniform thinning: at
         # 0.3 they tied it (the gain was the warm start); at 0.15, is it the widths?
         ("retrain key=taylor both=0.15 beta=1",

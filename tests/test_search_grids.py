@@ -46,7 +46,7 @@ def test_run_folder_names_are_unique():
 def test_a_joint_phase_setting_is_finished_once_its_presel_is_written(tmp_path):
     """A setting with --stop-at-selection leaves no report.json: its presel.pt is its end, and
     the driver must neither rerun it nor call its folder an unfinished run."""
-    out = tmp_path / "paam_grouped-s0"
+    out = tmp_path / "paam_joint-s0"
     cmd = ["-m", "paam_fast.train", "--stop-at-selection", "--out", str(out)]
     args = types.SimpleNamespace(resume_partial=False)
     assert cs._launch(cmd, str(out), args) == (cmd, None)  # nothing there yet: run it
