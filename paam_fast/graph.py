@@ -282,6 +282,12 @@ def analyse(model: nn.Module, input_size: tuple[int, ...], coupling: str = "inte
     warnings = _gate(spaces, coupling, gm, node_space, mods, forced_sites)
     ungated = [(sp.name, "; ".join(sp.fixed)) for sp in spaces.values()
                if sp.producers and sp.fixed]
+    residual = [sp for sp in spaces.values() if sp.has_add]
+    if coupling == "grouped" and residual and all(sp.fixed for sp in residual):
+        # e.g. the CIFAR ResNets' option-A shortcut (a strided slice and a zero pad, which the
+        # walk cannot slice): asking for grouped changes nothing, and the user should know
+        warnings.append("coupling='grouped' gates no residual space of this model (each is "
+                        "fixed: see structure.ungated), so its units are coupling='internal''s")
 
     # a concat whose segment is not gated after all (fixed while placing gates) keeps it whole
     costs, covered = _cost_model(mods, w.role, uf, spaces, w.linear_in, spatial, cats)

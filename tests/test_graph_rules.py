@@ -102,3 +102,21 @@ def test_op_of_a_placeholder_is_a_fixed_input_space():
     assert classify(w, op) == "placeholder" and op.out_w == 3
     RULES["placeholder"].handle(w, op)
     assert w.fixed[w.space_of[node]] == ["carries the model input"]
+
+
+def test_grouped_coupling_says_so_when_it_can_gate_no_residual_space():
+    """The CIFAR ResNets' option-A shortcut (strided slice, zero pad) fixes every residual
+    stage: grouped coupling then gates exactly the internal units, and warns; a torchvision
+    ResNet's residual spaces are gated under grouped, without that warning."""
+    import torchvision
+
+    from paam_fast.graph import analyse
+    from paam_fast.models.resnet_cifar import resnet20
+
+    cifar = analyse(resnet20(), (1, 3, 32, 32), "grouped")
+    assert [u.name for u in cifar.units] == [u.name for u in
+                                             analyse(resnet20(), (1, 3, 32, 32)).units]
+    assert any("gates no residual space" in w for w in cifar.warnings)
+    tv = analyse(torchvision.models.resnet18(num_classes=10), (1, 3, 64, 64), "grouped")
+    assert any(u.has_add for u in tv.units)
+    assert not any("gates no residual space" in w for w in tv.warnings)
