@@ -133,6 +133,10 @@ GRIDS = {
         # too), and 4 epochs of dense training then uniform widths by |γ| (at 0.3 that warm
         # start alone matched the default)
         ("torch-pruning keep=0.15", ["--method", "torch-pruning", "--keep", "0.15"]),
+        # Torch-Pruning limited to PAAM's units at 0.15: is its edge there the stage channels
+        # it cuts (PAAM cannot gate them on these ResNets: the option-A shortcut fixes them)?
+        ("torch-pruning internal keep=0.15", ["--method", "torch-pruning", "--tp-scope",
+                                              "internal", "--keep", "0.15"]),
         ("slim lam=0 same-pipeline uniform keep=0.15", ["--method", "slim", "--lam", "0",
                                                         "--select-allocation", "uniform",
                                                         "--keep", "0.15"]),
