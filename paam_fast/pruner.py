@@ -252,6 +252,10 @@ class Pruner:
     def load_state_dict(self, state: dict) -> None:
         self.lam = float(state["lam"])
         self.events_done = int(state["events_done"])
-        self.final_keep = state["final_keep"]
+        # The masked schedule's goal is this pruner's keep, or (mass / target modes) fixed by
+        # its first event.  Before any event (a fork's pre-selection state) the saved value is
+        # the source run's goal, not this run's: keep our own.
+        if self.events_done > 0:
+            self.final_keep = state["final_keep"]
 
 

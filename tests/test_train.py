@@ -332,6 +332,23 @@ def test_a_fork_with_the_sources_selection_is_the_source_run_and_others_branch(t
     assert "--lam" in capsys.readouterr().err
 
 
+def test_a_masked_fork_reaches_its_own_budget_not_its_sources(tmp_path):
+    """Masked mode steps towards the pruner's final budget; a fork restores the source's pruner
+    state, and must not take the source's budget with it (it did: a keep-0.15 masked fork of a
+    keep-0.3 run landed at 0.3)."""
+    common = ["--epochs", "4", "--select-epoch", "1", "--quiet", *SMALL]
+    src, fk = str(tmp_path / "src"), str(tmp_path / "fork")
+    assert main(common + ["--keep", "0.6", "--stop-at-selection", "--out", src]) == 0
+    assert main(common + ["--keep", "0.3", "--after-select", "masked", "--steps", "2",
+                          "--final-epoch", "3", "--fork-from", src, "--out", fk]) == 0
+    rep = _report(fk)
+    assert rep["params_final"] / rep["params_dense"] <= 0.3 + 0.01
+    assert rep["flops_final"] / rep["flops_dense"] <= 0.3 + 0.01
+    steps = [e for m in _metrics(fk) for e in m["events"] if e["event"] == "select"]
+    assert [e["budget"]["params"] / e["dense_params"] for e in steps] == \
+        pytest.approx([0.65, 0.3], abs=0.01)
+
+
 def test_stop_at_selection_writes_the_full_runs_presel_and_stops(tmp_path, capsys):
     """The joint phase alone (--stop-at-selection) leaves the same pre-selection state as a
     whole run does at its selection epoch, and nothing after it."""
