@@ -760,7 +760,8 @@ def run(args: argparse.Namespace) -> dict | None:
         if args.resume and os.path.exists(cfg_path):
             with open(cfg_path) as f:
                 saved = json.load(f)
-            keep = {k: getattr(args, k) for k in ("out", "resume", "max_steps", "quiet")}
+            keep = {k: getattr(args, k) for k in ("out", "resume", "max_steps", "quiet",
+                                                  "stop_at_selection")}
             # options added since the run started take their defaults
             missing = {k: LEGACY_SELECTION.get(k, v) for k, v in vars(args).items()
                        if k not in saved}
@@ -798,7 +799,8 @@ def run(args: argparse.Namespace) -> dict | None:
                 r.save_presel(loss, acc)
                 if d.main:
                     print(f"stopped at the selection (--stop-at-selection) after epoch "
-                          f"{r.epoch + 1}: fork from it with --fork-from {args.out}")
+                          f"{r.epoch + 1}: fork from it with --fork-from {args.out}, or run "
+                          f"on with --resume --out {args.out}")
                 return None
             events = r.epoch_end(loss, acc, t0)
             h = r.history[-1]

@@ -219,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--stop-at-selection", action="store_true", help="the joint phase only: stop once the "
       "pre-selection checkpoint (presel.pt, what --fork-from starts from) is written, before "
       "any selection; no report.json. Train each seed's joint phase once, then fork every rule "
-      "from it")
+      "from it (--resume without this flag runs on to the end)")
     a("--max-steps", type=int, default=None, help="stop after this many optimizer steps in "
       "total (a smoke test, or a planned interruption: continue with --resume)")
     a("--quiet", action="store_true", help="no progress bars")

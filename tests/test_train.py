@@ -369,6 +369,9 @@ def test_stop_at_selection_writes_the_full_runs_presel_and_stops(tmp_path, capsy
     fork_out = str(tmp_path / "fork")
     assert main(common + ["--max-steps", "12", "--fork-from", joint, "--out", fork_out]) == 0
     assert _metrics(fork_out)[0]["events"][0]["event"] == "select"
+    # --resume without the flag runs on through the selection to the end
+    assert main(["--resume", "--out", joint, "--quiet"]) == 0
+    assert _report(joint)["epochs"] == 3 and len(_metrics(joint)) == 3
 
 
 @pytest.mark.parametrize("argv,err", [
