@@ -243,9 +243,9 @@ def _command(args, name: str, extra: list[str], seed: int, out: str) -> list[str
 def _launch(cmd: list[str], out: str, args) -> tuple[list[str], str | None]:
     """The command to run for ``out`` and what the row must say about it.  Never resumes
     silently: a finished run (report.json; presel.pt for a joint phase, --stop-at-selection)
-    is not rerun (returns None), a half-finished one
-    is resumed only if its saved configuration is the one this command would write, and the
-    row then says "resumed"; any other folder content is an error."""
+    is not rerun (returns None), a half-finished one is resumed only if its saved
+    configuration is the one this command would write, and the row then says "resumed"; any
+    other folder content is an error."""
     if os.path.exists(os.path.join(out, "report.json")) or (
             "--stop-at-selection" in cmd and os.path.exists(os.path.join(out, "presel.pt"))):
         return None, "finished"
