@@ -163,6 +163,21 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def replace_table(text: str, new_table: str) -> str:
+    """`text` with its table that starts with `new_table`'s header line replaced by `new_table`
+    (the table ends at the first line that is not a table row). So RESULTS.md's table is
+    regenerated from the rows, never edited by hand."""
+    header = new_table.splitlines()[0]
+    lines = text.splitlines(keepends=True)
+    starts = [i for i, line in enumerate(lines) if line.rstrip("\n") == header]
+    if len(starts) != 1:
+        raise ValueError(f"expected one table with the header {header!r}, found {len(starts)}")
+    end = starts[0]
+    while end < len(lines) and lines[end].startswith("|"):
+        end += 1
+    return "".join(lines[:starts[0]]) + new_table + "\n" + "".join(lines[end:])
+
+
 def plot(rows: list[dict], path: str) -> None:
     import matplotlib
 
@@ -203,12 +218,19 @@ if __name__ == "__main__":
                     "seed, instead of printing the table")
     ap.add_argument("--setting", default=None)
     ap.add_argument("--margin", type=float, default=1.0, help="the one-sided test's margin, pts")
+    ap.add_argument("--into", default=None, help="replace the table in this markdown file "
+                    "(e.g. RESULTS.md) instead of printing it")
     a = ap.parse_args()
     rows = load(a.results)
     if a.against:
         if not a.setting:
             ap.error("--against needs --setting")
         print(against_text(rows, a.setting, a.against, a.margin))
+    elif a.into:
+        with open(a.into) as f:
+            text = replace_table(f.read(), table(rows))
+        with open(a.into, "w") as f:
+            f.write(text)
     else:
         print(table(rows))
     if a.plot:

@@ -46,3 +46,14 @@ def test_against_pairs_by_seed_and_tests_the_margin():
     assert pc.one_sided_above([2.0, 2.5, 2.0], 1.0) < 0.05 < pc.one_sided_above([2.0, 2.5, 2.0],
                                                                                  2.0)
     assert pc.one_sided_above([1.5], 1.0) is None
+
+
+def test_replace_table_swaps_only_the_matching_table():
+    new = "| setting | seeds |\n|---|---|\n| paam | 5 |"
+    text = ("intro\n\n| other | t |\n|---|---|\n| x | 1 |\n\n"
+            "| setting | seeds |\n|---|---|\n| paam | 3 |\n| old | 1 |\n\n(after)\n")
+    out = pc.replace_table(text, new)
+    assert "| paam | 5 |" in out and "| old | 1 |" not in out and "| paam | 3 |" not in out
+    assert "| x | 1 |" in out and out.endswith("\n\n(after)\n")
+    with pytest.raises(ValueError, match="found 0"):
+        pc.replace_table("no table here\n", new)
