@@ -125,6 +125,12 @@ GRIDS = {
                                                      "--select-cost", "params+flops",
                                                      "--select-beta", "1", "--keep", "0.15",
                                                      "--after-select", "masked"]),
+        # the same gradual cut at the default's own budget (paired with the one-shot default
+        # `paam key=taylor both=0.3 beta=1`)
+        ("paam key=taylor both=0.3 beta=1 masked", [*_FORK, "--select-key", "taylor",
+                                                    "--select-cost", "params+flops",
+                                                    "--select-beta", "1", "--keep", "0.3",
+                                                    "--after-select", "masked"]),
         # the widths the default chose at 0.15, trained from scratch like uniform thinning: at
         # 0.3 they tied it (the gain was the warm start); at 0.15, is it the widths?
         ("retrain key=taylor both=0.15 beta=1",
