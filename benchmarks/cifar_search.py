@@ -7,15 +7,23 @@ results file are skipped, so the driver can be stopped and started again.
 
     python benchmarks/cifar_search.py --grid cpu-small --data ../shared/data/cifar10-jpeg.tar.gz
     python benchmarks/cifar_search.py --summary --results RESULTS/cifar_search.jsonl
+
+``--at COMMIT`` runs one commit's code and grid, not the working tree's: the commit is exported
+once (``git archive``) beside ``--runs`` as ``src-<commit>``, and that tree's driver runs from
+there with ``--src``/``--commit`` (the rows then name the commit they were made with).
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
+import io
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tarfile
 import time
 
 # CPU grid: ResNet20 on a 10k-image training subset, 15 epochs, selection at 30%, 50% params.
@@ -376,6 +384,54 @@ def summary(paths: list[str]) -> str:
     return "\n".join(lines)
 
 
+def export_commit(commit: str, root: str) -> tuple[str, str]:
+    """``git archive`` of ``commit`` (of the repository holding the working directory) in
+    ``root/src-<short sha>``, made once: two drivers may ask for it at the same time, so it is
+    made under a lock and renamed into place whole.  Returns (the tree, the short sha)."""
+    sha = subprocess.run(["git", "rev-parse", "--short=7", f"{commit}^{{commit}}"],
+                         capture_output=True, text=True)
+    if sha.returncode != 0:
+        raise SystemExit(f"--at {commit}: not a commit of this repository "
+                         f"({sha.stderr.strip()})")
+    sha = sha.stdout.strip()
+    dest = os.path.join(root, f"src-{sha}")
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, ".export.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.isdir(dest):
+            tmp = dest + ".tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            archive = subprocess.run(["git", "archive", sha], capture_output=True, check=True)
+            with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+                tar.extractall(tmp, filter="data")
+            os.rename(tmp, dest)
+    return dest, sha
+
+
+def run_at_commit(argv: list[str], a: argparse.Namespace) -> None:
+    """Re-run this command with the driver of ``a.at``'s exported tree, from inside it (its
+    relative paths, e.g. a grid's latency table, are the commit's), paths made absolute."""
+    dest, sha = export_commit(a.at, os.path.dirname(os.path.abspath(a.runs)))
+    paths = {"--data": a.data, "--results": a.results, "--runs": a.runs}
+    out, skip = [], False
+    for x in argv:  # drop --at and the paths (given again below, absolute)
+        if skip:
+            skip = False
+            continue
+        key = x.split("=", 1)[0]
+        if key == "--at" or key in paths:
+            skip = "=" not in x  # "--runs DIR": DIR goes too
+            continue
+        out.append(x)
+    for key, value in paths.items():
+        out += [key, os.path.abspath(value)]
+    out += ["--src", dest, "--commit", sha]
+    os.chdir(dest)
+    sys.stdout.flush()
+    os.execv(sys.executable, [sys.executable, os.path.join("benchmarks", "cifar_search.py"),
+                              *out])
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--grid", default="cpu-small", choices=sorted(GRIDS))
@@ -393,12 +449,18 @@ if __name__ == "__main__":
     ap.add_argument("--src", default=None, help="run the code of this exported source tree "
                     "(PYTHONPATH), e.g. `git archive HEAD | tar -x -C DIR`")
     ap.add_argument("--commit", default=None, help="the commit --src was exported from")
+    ap.add_argument("--at", default=None, metavar="COMMIT", help="run this commit's driver and "
+                    "code (exported beside --runs), not the working tree's")
     ap.add_argument("--resume-partial", action="store_true", help="continue half-finished runs "
                     "(only with their own saved configuration; the row says so)")
     ap.add_argument("--summary", action="store_true")
     ap.add_argument("--more-results", nargs="*", default=[],
                     help="with --summary: further results files (runs of parallel drivers)")
     a = ap.parse_args()
+    if a.at:
+        if a.src or a.commit or a.summary:
+            ap.error("--at runs a commit's grid: no --src / --commit / --summary with it")
+        run_at_commit(sys.argv[1:], a)
     v2 = a.grid == "proxy2"
     a.epochs = a.epochs or (15 if v2 else 8)
     a.select_epoch = a.select_epoch or (4 if v2 else 2)

@@ -6,6 +6,7 @@ settings that read an upstream run (a fork's pre-selection state, a retrain's wi
 for that one reason only: the upstream run folder does not exist here."""
 
 import importlib.util
+import json
 import os
 import types
 
@@ -59,3 +60,45 @@ def test_a_joint_phase_setting_is_finished_once_its_presel_is_written(tmp_path):
     # a whole run's folder with a presel.pt but no report is still unfinished
     with pytest.raises(SystemExit, match="unfinished"):
         cs._launch(["-m", "paam_fast.train", "--out", str(out)], str(out), args)
+
+
+def test_at_runs_the_commits_own_driver_from_its_exported_tree(tmp_path):
+    """--at COMMIT: the commit is exported beside --runs and *its* driver runs there, with the
+    paths made absolute and --src / --commit naming the tree (the working tree's driver and
+    grid play no part)."""
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    repo = tmp_path / "repo"
+    (repo / "benchmarks").mkdir(parents=True)
+    (repo / "benchmarks" / "cifar_search.py").write_text(
+        "import json, os, sys\n"
+        "json.dump({'argv': sys.argv[1:], 'cwd': os.getcwd()}, open(os.environ['WHERE'], 'w'))\n")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(repo)]
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "fake driver"], check=True)
+    sha = subprocess.run([*git, "rev-parse", "--short=7", "HEAD"], capture_output=True,
+                         text=True, check=True).stdout.strip()
+    where = tmp_path / "where.json"
+    driver = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "cifar_search.py")
+    env = {**os.environ, "WHERE": str(where)}
+    for _ in range(2):  # the second run finds the export made
+        subprocess.run([sys.executable, driver, "--at", "HEAD", "--grid", "proxy2", "--runs",
+                        "runs/proxy2", "--results", "rows.jsonl", "--data", "d.tar.gz",
+                        "--seeds", "3", "--only", "paam key=taylor both=0.3 beta=1"],
+                       cwd=repo, env=env, check=True)
+        got = json.loads(where.read_text())
+        tree = str(repo / "runs" / f"src-{sha}")
+        assert got["cwd"] == tree
+        a = got["argv"]
+        assert "--at" not in a and a[a.index("--src") + 1] == tree
+        assert a[a.index("--commit") + 1] == sha
+        assert a[a.index("--runs") + 1] == str(repo / "runs" / "proxy2")
+        assert a[a.index("--results") + 1] == str(repo / "rows.jsonl")
+        assert a[a.index("--data") + 1] == str(repo / "d.tar.gz")
+        assert a[a.index("--only") + 1] == "paam key=taylor both=0.3 beta=1"
+        assert a.count("--runs") == 1 and a[a.index("--seeds") + 1] == "3"
