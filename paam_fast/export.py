@@ -20,7 +20,15 @@ import torch
 from torch import nn
 
 from .graph import Cat
-from .nn import GatedBatchNorm2d, GatedConv2d, GatedConvBN2d, GatedLinear, recast
+from .models.resnet_cifar import PadShortcut
+from .nn import (
+    GatedBatchNorm2d,
+    GatedConv2d,
+    GatedConvBN2d,
+    GatedLinear,
+    MaskedPadShortcut,
+    recast,
+)
 from .paamify import compact, controller, is_paamified
 from .surgery import slice_cats, slice_space
 
@@ -88,6 +96,8 @@ def export(model: nn.Module) -> nn.Module:
         elif isinstance(m, GatedLinear):
             _fold(m)
             _set(plain, name, recast(m, nn.Linear))
+        elif isinstance(m, MaskedPadShortcut):  # compacted: its map says it all
+            _set(plain, name, recast(m, PadShortcut))
     for name, m in list(plain.named_modules()):
         if isinstance(m, GatedConvBN2d):
             _set(plain, name, nn.Sequential(OrderedDict(conv=m.conv, bn=m.bn)))
@@ -110,8 +120,8 @@ def apply_plan(model: nn.Module, plan: dict) -> nn.Module:
             raise ValueError(f"the plan names modules this model does not have: {missing[:3]}; "
                              "model_fn must build the architecture that was saved")
     for sp in plan["spaces"]:
-        names = sp["producers"] + sp["channelwise"] + sp.get("scales", []) + \
-            [c[0] for c in sp["consumers"]]
+        writers = sp["producers"] + sp.get("scales", []) + sp.get("shifts", [])
+        names = writers + sp["channelwise"] + [c[0] for c in sp["consumers"]]
         missing = [n for n in names if n not in mods]
         if missing:
             raise ValueError(f"the plan names modules this model does not have: {missing[:3]}; "
@@ -123,7 +133,7 @@ def apply_plan(model: nn.Module, plan: dict) -> nn.Module:
                                  f"{sp['dense']}")
         if len(sp["keep"]) < sp["dense"]:
             idx = torch.tensor(sp["keep"], dtype=torch.long)
-            slice_space(mods, sp["producers"] + sp.get("scales", []), sp["channelwise"],
+            slice_space(mods, writers, sp["channelwise"],
                         [tuple(c) for c in sp["consumers"]], idx)
     spaces = plan["spaces"]
     cats = [Cat(id=k, name=c["name"], segments=[(i, w) for i, w in c["segments"]],

@@ -45,6 +45,7 @@ from .graph_rules import (
     _UnionFind,
     walk,
 )
+from .models.resnet_cifar import PadShortcut
 
 __all__ = ["Space", "Cat", "ModuleCost", "Structure", "analyse"]
 
@@ -78,10 +79,19 @@ class Space:
     scales: list[str] = field(default_factory=list)
     # ids of the concatenations (Structure.cats) these channels are a segment of
     cats: list[int] = field(default_factory=list)
+    # parameter-free modules whose output channels are these channels, copied from another
+    # space (the CIFAR ResNets' option-A shortcut, models.PadShortcut): no gate (no analog scale
+    # to fold into anything), a dropped channel is zeroed on them by the unit's mask
+    shifts: list[str] = field(default_factory=list)
 
     @property
     def name(self) -> str:
         return self.producers[0] if self.producers else f"space{self.id}"
+
+    @property
+    def writers(self) -> list[str]:
+        """Modules whose output rows are these channels (sliced along dim 0 with them)."""
+        return self.producers + self.scales + self.shifts
 
     @property
     def token_convs(self) -> list[str]:
@@ -93,7 +103,7 @@ class Space:
     def to_json(self) -> dict:
         return {"producers": self.producers, "channelwise": self.channelwise,
                 "consumers": [list(c) for c in self.consumers], "dw": sorted(self._dw),
-                "scales": self.scales, "groups": self.groups}
+                "scales": self.scales, "shifts": self.shifts, "groups": self.groups}
 
 
 @dataclass
@@ -217,8 +227,8 @@ class _Tracer(fx.Tracer):
     """Convs, BNs and Linear layers are leaves even when subclassed (our gated modules)."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.Linear)) or _is_scale_module(m) \
-                or _is_drop_module(m):
+        if isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.Linear, PadShortcut)) \
+                or _is_scale_module(m) or _is_drop_module(m):
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -284,8 +294,9 @@ def analyse(model: nn.Module, input_size: tuple[int, ...], coupling: str = "inte
                if sp.producers and sp.fixed]
     residual = [sp for sp in spaces.values() if sp.has_add]
     if coupling == "grouped" and residual and all(sp.fixed for sp in residual):
-        # e.g. the CIFAR ResNets' option-A shortcut (a strided slice and a zero pad, which the
-        # walk cannot slice): asking for grouped changes nothing, and the user should know
+        # e.g. an option-A shortcut written inline (a strided slice and a zero pad, which the
+        # walk cannot slice; models.PadShortcut is the sliceable one): asking for grouped
+        # changes nothing, and the user should know
         warnings.append("coupling='grouped' gates no residual space of this model (each is "
                         "fixed: see structure.ungated), so its units are coupling='internal''s")
 
@@ -332,6 +343,8 @@ def _spaces(w: Walk) -> dict[int, Space]:
                 sp._dw.add(name)
         elif kind == "scale":
             sp.scales.append(name)
+        elif kind == "shift":
+            sp.shifts.append(name)
         elif kind == "consumer":
             if name in w.linear_in:
                 block = w.linear_in[name][1] // sp.width
@@ -480,7 +493,9 @@ def _place_gates(sp: Space, gm: fx.GraphModule, node_space: dict, mods: dict,
         return seen
 
     sites = {n for n in paramd if not (downstream(n) & paramd)}
-    label: dict[fx.Node, bool] = {}  # True: after the gate
+    # a shift's dropped channels are zeroed by the mask: it writes "gated" channels
+    shifts = {n for n in members if n.op == "call_module" and n.target in sp.shifts}
+    label: dict[fx.Node, bool] = {n: True for n in shifts}  # True: after the gate
     for n in gm.graph.nodes:
         if n not in members:
             # a node outside the space reading it: must read gated channels
@@ -491,6 +506,8 @@ def _place_gates(sp: Space, gm: fx.GraphModule, node_space: dict, mods: dict,
             continue
         if n in paramd:
             label[n] = n in sites
+            continue
+        if n in shifts:
             continue
         ins = [a for a in n.all_input_nodes if node_space.get(a) == sp.id]
         vals = [label.get(a, False) for a in ins]

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .models.resnet_cifar import PadShortcut
+
 # Channel-wise activations with f(0) = 0: a zero channel stays zero through them.
 _ACT_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardswish, nn.SiLU, nn.GELU, nn.LeakyReLU, nn.Hardtanh,
                 nn.Mish, nn.ELU, nn.Tanh)
@@ -112,8 +114,9 @@ class Walk:
     of residual adds); ``uf`` joins them.
 
     ``role``: (kind, module name, raw space) with kind "producer" (output rows), "consumer"
-    (input columns), "cw" (BN), "dw" (depthwise conv), "scale" (an SE's expand conv) or "const"
-    (an unsupported module with parameters; space -1).
+    (input columns), "cw" (BN), "dw" (depthwise conv), "scale" (an SE's expand conv), "shift"
+    (an option-A shortcut's output channels) or "const" (an unsupported module with
+    parameters; space -1).
     """
 
     mods: dict[str, nn.Module]
@@ -347,6 +350,22 @@ def _conv(w: Walk, op: Op) -> bool:
         w.group_req.setdefault(src, []).append((m.groups, name))
         w.group_req.setdefault(out, []).append((m.groups, name))
     w.role.append(("producer", name, out))
+    return op.keep(w, out)
+
+
+@rule("pad_shortcut", modules=(PadShortcut,))
+def _pad_shortcut(w: Walk, op: Op) -> bool:
+    """The CIFAR ResNets' option-A shortcut: it reads its input space (sliced in pairs, like a
+    conv's input) and writes a new space (every output channel copies one input channel or is
+    zero), so the two stages it links are pruned each on its own; the output side's dropped
+    channels are zeroed on it by the unit's mask (``Space.shifts``)."""
+    m = op.module(w)
+    if m.in_channels is None or len(op.ins) != 1 or _shape(op.ins[0])[1] != m.in_channels:
+        return False
+    name = op.node.target
+    w.role.append(("consumer", name, op.src))
+    out = w.new_space(op.out_w)
+    w.role.append(("shift", name, out))
     return op.keep(w, out)
 
 

@@ -17,7 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["GateBox", "GatedBatchNorm2d", "GatedConv2d", "GatedConvBN2d", "GatedLinear"]
+from .models.resnet_cifar import PadShortcut, gather_channels
+
+__all__ = ["GateBox", "GatedBatchNorm2d", "GatedConv2d", "GatedConvBN2d", "GatedLinear",
+           "MaskedPadShortcut"]
 
 
 class GateBox:
@@ -184,6 +187,29 @@ class GatedLinear(_Gated, nn.Linear):
             w = w * gg[:, None]
             b = None if b is None else b * gg
         return F.linear(input, w, b)
+
+
+class MaskedPadShortcut(_Gated, PadShortcut):
+    """The option-A shortcut inside a gated model: it carries no gate (its channels are copies
+    of another stage's, with nothing to fold an analog scale into), but a channel its output
+    unit dropped is zero on it too (``_paam_alive``), or, in masked mode's compact execution,
+    it reads the alive input channels (``_paam_in_idx``) and writes the alive output ones
+    (``_paam_out_idx``).  Unpruned and unmasked it is exactly :class:`PadShortcut`."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        out, inn, alive = self._paam_out_idx, self._paam_in_idx, self._paam_alive
+        if out is None and inn is None:
+            y = super().forward(input)
+            return y if alive is None else y * alive.to(y.dtype)[:, None, None]
+        gather = self.channel_map(input.device)
+        if out is not None:
+            gather = gather[out]
+        if inn is not None:  # input channel c is at position pos[c]; removed ones read zero
+            pos = torch.full((self.in_channels + 1,), inn.numel(), dtype=torch.long,
+                             device=input.device)
+            pos[inn] = torch.arange(inn.numel(), device=input.device)
+            gather = pos[gather]
+        return gather_channels(input[:, :, ::2, ::2], gather)
 
 
 class GatedConvBN2d(nn.Module):

@@ -16,7 +16,17 @@ from torch import nn
 
 from . import dispatch
 from .graph import Space, Structure, analyse
-from .nn import GateBox, GatedBatchNorm2d, GatedConv2d, GatedConvBN2d, GatedLinear, _Gated, recast
+from .models.resnet_cifar import PadShortcut
+from .nn import (
+    GateBox,
+    GatedBatchNorm2d,
+    GatedConv2d,
+    GatedConvBN2d,
+    GatedLinear,
+    MaskedPadShortcut,
+    _Gated,
+    recast,
+)
 from .selection import Selection, check_keep, check_mass, choose
 from .selection.keys import MEASURED_KEYS
 from .surgery import slice_cats, slice_space
@@ -253,12 +263,12 @@ class PaamController(nn.Module):
             if self._all_alive[i] or self.compacted:
                 continue
             if not compact_exec:
-                for name in u.channelwise:
-                    if isinstance(self._mods[name], GatedBatchNorm2d):
+                for name in u.channelwise + u.shifts:  # BNs: frozen statistics; shifts: zeros
+                    if isinstance(self._mods[name], (GatedBatchNorm2d, MaskedPadShortcut)):
                         self._mods[name]._paam_alive = self.mask(i)
                 continue
             idx = torch.nonzero(self.mask(i)).flatten()
-            for name in u.producers + u.channelwise + u.scales:
+            for name in u.writers + u.channelwise:
                 self._mods[name]._paam_out_idx = idx
             for name, block in u.consumers:
                 self._mods[name]._paam_in_idx = _blocks(idx, block)
@@ -356,7 +366,7 @@ def _carriers(structure: Structure) -> list[str]:
     """Every module that carries a unit's channels (sliced when it is pruned)."""
     names: list[str] = []
     for u in structure.units:
-        names += u.sites + u.producers + u.channelwise + u.scales + [c[0] for c in u.consumers]
+        names += u.sites + u.writers + u.channelwise + [c[0] for c in u.consumers]
     for cat in structure.cats:
         names += [c[0] for c in cat.consumers]
     return list(dict.fromkeys(names))
@@ -479,6 +489,8 @@ def paamify(model: nn.Module, coupling: str = "internal", dim: int = 32, leak: f
             swap[name] = recast(m, GatedConv2d)
         elif isinstance(m, nn.Linear):
             swap[name] = recast(m, GatedLinear)
+        elif isinstance(m, PadShortcut):
+            swap[name] = recast(m, MaskedPadShortcut)
     for name, new in swap.items():
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)
@@ -654,7 +666,7 @@ def compact(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) ->
         if idx.numel() == 0:
             raise RuntimeError(f"unit '{u.name}' has no alive filter")
         if idx.numel() < mask.numel():
-            slice_space(ctrl._mods, u.producers + u.scales, u.channelwise, u.consumers, idx,
+            slice_space(ctrl._mods, u.writers, u.channelwise, u.consumers, idx,
                         optimizer)
         ctrl.kept[u.id] = idx.tolist()
         ctrl._buffers[f"mask_{i}"] = torch.ones(idx.numel(), dtype=torch.bool,

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .models.resnet_cifar import PadShortcut
+
 __all__ = ["slice_param", "slice_buffer", "slice_space", "slice_cats", "group_gather"]
 
 
@@ -99,6 +101,8 @@ def _slice_out(m: nn.Module, idx: torch.Tensor, optimizer) -> None:
         if m.bias is not None:
             slice_param(m, "bias", 0, idx, optimizer)
         m.out_features = n
+    elif isinstance(m, PadShortcut):  # the option-A shortcut: pairs whose output goes
+        m.keep_out(idx)
     else:
         raise TypeError(f"cannot slice the output channels of {type(m).__name__}")
     slice_buffer(m, "paam_gate", 0, idx)
@@ -118,6 +122,9 @@ def _slice_in(m: nn.Module, idx: torch.Tensor, block: int, optimizer) -> None:
     elif isinstance(m, nn.Conv2d):
         slice_param(m, "weight", 1, idx, optimizer)
         m.in_channels = int(idx.numel())
+        _forget(m, "_paam_in_idx")
+    elif isinstance(m, PadShortcut):  # pairs whose input goes: those outputs are zero now
+        m.keep_in(idx)
         _forget(m, "_paam_in_idx")
     elif isinstance(m, nn.Linear):
         feat = (idx[:, None] * block + torch.arange(block, device=idx.device)).flatten()

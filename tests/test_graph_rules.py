@@ -105,18 +105,33 @@ def test_op_of_a_placeholder_is_a_fixed_input_space():
 
 
 def test_grouped_coupling_says_so_when_it_can_gate_no_residual_space():
-    """The CIFAR ResNets' option-A shortcut (strided slice, zero pad) fixes every residual
-    stage: grouped coupling then gates exactly the internal units, and warns; a torchvision
-    ResNet's residual spaces are gated under grouped, without that warning."""
+    """An option-A shortcut written inline (a strided slice and a zero pad, which the walk
+    cannot slice) fixes the residual space: grouped coupling then gates exactly the internal
+    units, and warns.  The library's own CIFAR ResNets (models.PadShortcut) and a torchvision
+    ResNet have their residual spaces gated under grouped, without that warning."""
     import torchvision
 
     from paam_fast.graph import analyse
     from paam_fast.models.resnet_cifar import resnet20
 
-    cifar = analyse(resnet20(), (1, 3, 32, 32), "grouped")
-    assert [u.name for u in cifar.units] == [u.name for u in
-                                             analyse(resnet20(), (1, 3, 32, 32)).units]
-    assert any("gates no residual space" in w for w in cifar.warnings)
-    tv = analyse(torchvision.models.resnet18(num_classes=10), (1, 3, 64, 64), "grouped")
-    assert any(u.has_add for u in tv.units)
-    assert not any("gates no residual space" in w for w in tv.warnings)
+    class InlineOptionA(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.bn0 = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+            self.c1, self.b1 = nn.Conv2d(4, 6, 3, 2, 1), nn.BatchNorm2d(6)
+            self.c2, self.b2 = nn.Conv2d(6, 8, 3, padding=1), nn.BatchNorm2d(8)
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x):
+            x = F.relu(self.bn0(self.stem(x)))
+            y = self.b2(self.c2(F.relu(self.b1(self.c1(x)))))
+            x = F.relu(y + F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, 2, 2)))
+            return self.fc(x.mean((2, 3)))
+
+    inline = analyse(InlineOptionA(), (1, 3, 8, 8), "grouped")
+    assert [u.name for u in inline.units] == ["c1"]
+    assert any("gates no residual space" in w for w in inline.warnings)
+    for model, size in ((resnet20(), 32), (torchvision.models.resnet18(num_classes=10), 64)):
+        s = analyse(model, (1, 3, size, size), "grouped")
+        assert any(u.has_add for u in s.units)
+        assert not any("gates no residual space" in w for w in s.warnings)

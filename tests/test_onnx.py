@@ -50,3 +50,22 @@ def test_onnxruntime_computes_the_exported_model(name, dynamo):
     got = _onnx_run(plain, x, dynamo)
     assert got.shape == want.shape
     assert rel(got, want) <= 1e-5
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "legacy"])
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning",
+                            "ignore::UserWarning")
+def test_onnxruntime_computes_a_cifar_resnet_with_pruned_stages(dynamo):
+    """coupling="grouped" on a CIFAR ResNet cuts the stages: its option-A shortcuts export as
+    a gather of the kept pairs (Concat + Gather)."""
+    model = pf.paamify(pf.models.resnet20(), coupling="grouped")
+    randomize(model)
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    model(x)
+    pf.select(model, keep=0.4)
+    plain = pf.export(model).eval()
+    assert plain.layer2[0].shortcut.gather is not None  # the stages were cut
+    with torch.no_grad():
+        want = plain(x)
+    assert rel(_onnx_run(plain, x, dynamo), want) <= 1e-5

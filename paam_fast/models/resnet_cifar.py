@@ -16,14 +16,66 @@ __all__ = ["CifarResNet", "PadShortcut", "resnet20", "resnet32", "resnet44", "re
 
 class PadShortcut(nn.Module):
     """Option-A shortcut: subsample by 2 and zero-pad ``pad`` channels on each side.
-    (N, C, H, W) -> (N, C + 2·pad, H/2, W/2). Parameter-free."""
+    (N, C, H, W) -> (N, C + 2·pad, ⌈H/2⌉, ⌈W/2⌉). Parameter-free.
 
-    def __init__(self, pad: int) -> None:
+    Pruning removes channels on either side on its own (paam_fast's grouped coupling: the
+    narrower stage's channels and the wider stage's are two units): :meth:`keep_in` and
+    :meth:`keep_out` then record which input channel each output channel copies (``gather``, a
+    buffer outside the state_dict, rebuilt from a saved plan); that needs ``in_channels``.
+    """
+
+    def __init__(self, pad: int, in_channels: int | None = None) -> None:
         super().__init__()
         self.pad = pad
+        self.in_channels = in_channels
+        # output channel d copies input channel gather[d]; gather[d] == in_channels: zero
+        self.register_buffer("gather", None, persistent=False)
+
+    @property
+    def out_channels(self) -> int | None:
+        if self.gather is not None:
+            return int(self.gather.numel())
+        return None if self.in_channels is None else self.in_channels + 2 * self.pad
+
+    def channel_map(self, device=None) -> torch.Tensor:
+        """``gather``: for each output channel, the input channel it copies (in_channels for a
+        zero channel)."""
+        if self.gather is not None:
+            return self.gather if device is None else self.gather.to(device)
+        if self.in_channels is None:
+            raise ValueError("a PadShortcut without in_channels cannot be pruned")
+        c, p = self.in_channels, self.pad
+        dense = torch.cat([torch.full((p,), c), torch.arange(c), torch.full((p,), c)])
+        return dense if device is None else dense.to(device)
+
+    def keep_in(self, idx: torch.Tensor) -> None:
+        """Keep input channels ``idx`` (sorted): an output that copied a removed one is zero."""
+        n = int(idx.numel())
+        pos = torch.full((self.in_channels + 1,), n, dtype=torch.long, device=idx.device)
+        pos[idx] = torch.arange(n, device=idx.device)
+        self.gather = pos[self.channel_map(idx.device)]
+        self.in_channels = n
+
+    def keep_out(self, idx: torch.Tensor) -> None:
+        """Keep output channels ``idx`` (sorted)."""
+        self.gather = self.channel_map(idx.device)[idx]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
+        x = x[:, :, ::2, ::2]
+        if self.gather is None:
+            return F.pad(x, (0, 0, 0, 0, self.pad, self.pad))
+        return gather_channels(x, self.gather)
+
+
+def gather_channels(x: torch.Tensor, gather: torch.Tensor) -> torch.Tensor:
+    """Output channel d = x's channel gather[d], or zero where gather[d] == x.shape[1] (a gather
+    from x and one zero channel: Concat + Gather in ONNX)."""
+    zero = x.new_zeros(x.shape[0], 1, *x.shape[2:])
+    y = torch.cat([x, zero], 1).index_select(1, gather)
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
+            and not x.is_contiguous():
+        y = y.contiguous(memory_format=torch.channels_last)  # keep the layout of the add
+    return y
 
 
 class BasicBlock(nn.Module):
@@ -33,7 +85,7 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut = PadShortcut((cout - cin) // 2) if stride != 1 or cin != cout \
+        self.shortcut = PadShortcut((cout - cin) // 2, cin) if stride != 1 or cin != cout \
             else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
