@@ -139,6 +139,16 @@ GRIDS = {
                                                     "--select-cost", "params+flops",
                                                     "--select-beta", "1", "--keep", "0.3",
                                                     "--after-select", "masked"]),
+        # the residual stages as units too (coupling="grouped" slices the option-A shortcut
+        # since fcf82fb): its own joint phase (the units differ), so a whole run; Torch-Pruning's
+        # edge at 0.15 came with cutting the stages. And its gradual cut, forked from it.
+        ("paam grouped both=0.15 beta=1", ["--coupling", "grouped", "--select-key", "taylor",
+                                           "--select-cost", "params+flops", "--select-beta", "1",
+                                           "--keep", "0.15"]),
+        ("paam grouped both=0.15 beta=1 masked",
+         ["--fork-from", "{runs}/paam_grouped_both0.15_beta1-s{seed}", "--coupling", "grouped",
+          "--select-key", "taylor", "--select-cost", "params+flops", "--select-beta", "1",
+          "--keep", "0.15", "--after-select", "masked"]),
         # the widths the default chose at 0.15, trained from scratch like uniform thinning: at
         # 0.3 they tied it (the gain was the warm start); at 0.15, is it the widths?
         ("retrain key=taylor both=0.15 beta=1",
