@@ -436,3 +436,20 @@ def test_resume_of_a_run_older_than_the_selection_defaults_keeps_its_selection(t
     assert (again["select_key"], again["select_cost"], again["select_beta"]) == \
         ("gate", "params", 0.0)
     assert rep["params_final"] <= 0.5 * rep["params_dense"] * 1.01
+
+
+def test_grouped_cifar_resnet_cuts_its_stages_masked_then_exported(tmp_path):
+    """--coupling grouped on the CIFAR ResNet20 (option-A shortcuts): the residual stages are
+    units, cut in masked steps, and the saved model (stages sliced on both sides of each
+    shortcut) reloads to the reported accuracy's network."""
+    out = str(tmp_path / "g")
+    assert main(["--epochs", "3", "--select-epoch", "1", "--coupling", "grouped", "--keep",
+                 "0.3", "--after-select", "masked", "--steps", "2", "--final-epoch", "2",
+                 "--out", out, "--quiet", *SMALL]) == 0
+    stem = next(r for r in _report(out)["per_layer"] if r["name"] == "conv1")
+    assert stem["filters_final"] < 16  # the first stage was cut
+    model = pf.load(os.path.join(out, "model.paam"), pf.models.resnet20).eval()
+    assert model.conv1.out_channels == stem["filters_final"]
+    assert model.layer2[0].shortcut.in_channels == model.conv1.out_channels
+    assert model.layer2[0].shortcut.out_channels == model.layer2[0].conv2.out_channels
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
