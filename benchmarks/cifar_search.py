@@ -140,15 +140,17 @@ GRIDS = {
                                                     "--select-beta", "1", "--keep", "0.3",
                                                     "--after-select", "masked"]),
         # the residual stages as units too (coupling="grouped" slices the option-A shortcut
-        # since fcf82fb): its own joint phase (the units differ), so a whole run; Torch-Pruning's
-        # edge at 0.15 came with cutting the stages. And its gradual cut, forked from it.
-        ("paam grouped both=0.15 beta=1", ["--coupling", "grouped", "--select-key", "taylor",
-                                           "--select-cost", "params+flops", "--select-beta", "1",
-                                           "--keep", "0.15"]),
-        ("paam grouped both=0.15 beta=1 masked",
-         ["--fork-from", "{runs}/paam_grouped_both0.15_beta1-s{seed}", "--coupling", "grouped",
-          "--select-key", "taylor", "--select-cost", "params+flops", "--select-beta", "1",
-          "--keep", "0.15", "--after-select", "masked"]),
+        # since fcf82fb): its own joint phase (the units differ), so a whole run, cutting in
+        # masked steps as the winner at 0.15 does; Torch-Pruning's edge at 0.15 came with
+        # cutting the stages. And the one-shot cut, forked from its joint phase.
+        ("paam grouped both=0.15 beta=1 masked", ["--coupling", "grouped", "--select-key",
+                                                  "taylor", "--select-cost", "params+flops",
+                                                  "--select-beta", "1", "--keep", "0.15",
+                                                  "--after-select", "masked"]),
+        ("paam grouped both=0.15 beta=1",
+         ["--fork-from", "{runs}/paam_grouped_both0.15_beta1_masked-s{seed}", "--coupling",
+          "grouped", "--select-key", "taylor", "--select-cost", "params+flops",
+          "--select-beta", "1", "--keep", "0.15"]),
         # the widths the default chose at 0.15, trained from scratch like uniform thinning: at
         # 0.3 they tied it (the gain was the warm start); at 0.15, is it the widths?
         ("retrain key=taylor both=0.15 beta=1",
