@@ -34,16 +34,17 @@ def _final_state(out):
 
 # --------------------------------------------------------------------------- the shortcut
 @pytest.mark.parametrize("hw", [(8, 8), (7, 5)])
-def test_scatter_shortcut_is_pad_shortcut_and_prunes_both_sides_exactly(hw):
+def test_pad_shortcut_pruner_prunes_both_sides_exactly(hw):
     x = torch.randn(3, 6, *hw, dtype=torch.float64)
     pad = PadShortcut(5)
-    sc = peer.ScatterShortcut(6, 5)
+    sc = PadShortcut(5, in_channels=6)
     assert torch.equal(sc(x), pad(x))
-    fn = peer._scatter_pruner(tp)
+    fn = peer._pad_shortcut_pruner(tp)
     gone_in, gone_out = [1, 4], [0, 6, 9, 15]  # 6 and 9: written from inputs 1 and 4; 0, 15: pad
     fn.prune_in_channels(sc, gone_in)
     fn.prune_out_channels(sc, gone_out)
     assert (sc.in_channels, sc.out_channels) == (4, 12)
+    assert (fn.get_in_channels(sc), fn.get_out_channels(sc)) == (4, 12)
     keep_in = [i for i in range(6) if i not in gone_in]
     keep_out = [j for j in range(16) if j not in gone_out]
     # a removed input reads as zero; a removed output is not there
@@ -58,16 +59,19 @@ def test_scatter_shortcut_is_pad_shortcut_and_prunes_both_sides_exactly(hw):
     assert torch.equal(sc(x[:, keep_in]), pad(x1)[:, [j for j in keep_out if j != 7]])
 
 
-def test_pad_shortcuts_are_replaced_without_changing_the_model():
+def test_pad_shortcuts_without_in_channels_get_them_without_changing_the_model():
     m = pf.models.resnet20()
+    for q in m.modules():
+        if isinstance(q, PadShortcut):
+            q.in_channels = None  # as a user's PadShortcut(pad) would be
     x = torch.randn(2, 3, 32, 32)
     m.eval()
     ref = m(x)
     m.train()
     bn = m.bn1.running_mean.clone()
-    assert peer.replace_pad_shortcuts(m, torch.zeros(1, 3, 32, 32)) == 2
+    assert peer.complete_pad_shortcuts(m, torch.zeros(1, 3, 32, 32)) == 2
     assert m.training and torch.equal(m.bn1.running_mean, bn)  # no statistics moved
-    assert not any(isinstance(q, PadShortcut) for q in m.modules())
+    assert [q.in_channels for q in m.modules() if isinstance(q, PadShortcut)] == [16, 32]
     m.eval()
     assert torch.equal(m(x), ref)
 

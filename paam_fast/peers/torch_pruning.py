@@ -36,11 +36,11 @@ pickled into them.  The pruning history is plain JSON: :meth:`state_dict` stores
 built dense model before its state is loaded, which rebuilds the pruned architecture exactly.
 
 CIFAR ResNets' option-A shortcut (:class:`paam_fast.models.PadShortcut`: subsample, zero-pad
-channels) is opaque to Torch-Pruning's tracer, which takes its ``F.pad`` for an element-wise op
-and couples the 16- and 32-channel stages into one broken group.  Before tracing, each one is
-replaced by :class:`ScatterShortcut` (the same function, as "input channel src[i] goes to output
-channel dst[i], the rest are zero"), registered with Torch-Pruning through a customized pruner
-that keeps the map consistent when either side is pruned.  So the stage channels (the residual
+channels) is opaque to Torch-Pruning's tracer, which would take its ``F.pad`` for an element-wise
+op and couple the 16- and 32-channel stages into one broken group.  It is registered with
+Torch-Pruning through a customized pruner instead, which slices its channel map
+(``PadShortcut.keep_in`` / ``keep_out``: the pairs of a removed channel go) when either side is
+pruned, as paam_fast's own grouped coupling does.  So the stage channels (the residual
 groups) are pruned too, as Torch-Pruning does on any ResNet — unless ``scope="internal"``
 (``--tp-scope internal``, ours): then every conv and linear that writes no channel PAAM's
 internal coupling gates is an ignored layer, and Torch-Pruning prunes exactly PAAM's default
@@ -59,7 +59,7 @@ from torch import nn
 from ..count import count
 from ..models import PadShortcut
 
-__all__ = ["DEFAULT_REG", "INSTALL", "MissingTorchPruning", "ScatterShortcut",
+__all__ = ["DEFAULT_REG", "INSTALL", "MissingTorchPruning",
            "TorchPruningPeer", "require"]
 
 INSTALL = "pip install torch-pruning==1.6.1"
@@ -90,49 +90,24 @@ def version() -> str:
 
 
 # --------------------------------------------------------------------------- option-A shortcut
-class ScatterShortcut(nn.Module):
-    """A parameter-free shortcut: subsample by 2, then input channel ``src[i]`` becomes output
-    channel ``dst[i]``, every other output channel is zero.  With ``src = 0..C-1`` and
-    ``dst = pad..pad+C-1`` it is :class:`PadShortcut`; pruning either side edits the map.
-    (N, in_channels, H, W) -> (N, out_channels, ⌈H/2⌉, ⌈W/2⌉)."""
-
-    def __init__(self, in_channels: int, pad: int) -> None:
-        super().__init__()
-        self.in_channels, self.out_channels = in_channels, in_channels + 2 * pad
-        self.register_buffer("src", torch.arange(in_channels))
-        self.register_buffer("dst", torch.arange(in_channels) + pad)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x[:, :, ::2, ::2].index_select(1, self.src)
-        y = x.new_zeros(x.shape[0], self.out_channels, *x.shape[2:])
-        return y.index_copy(1, self.dst, x)
-
-
-def _drop(keep_of: torch.Tensor, other: torch.Tensor, idxs) -> tuple[torch.Tensor, torch.Tensor,
-                                                                     int]:
-    """Remove channels ``idxs`` from the side whose indices are ``keep_of``: pairs that read or
-    write a removed channel go, the remaining indices are renumbered."""
-    gone = torch.tensor(sorted({int(i) for i in idxs}), dtype=torch.long, device=keep_of.device)
-    keep = ~torch.isin(keep_of, gone)
-    kept = keep_of[keep]
-    return kept - torch.searchsorted(gone, kept), other[keep], len(gone)
-
-
-def _scatter_pruner(tp):
-    """Torch-Pruning's pruning functions for :class:`ScatterShortcut`: the two sides are
+def _pad_shortcut_pruner(tp):
+    """Torch-Pruning's pruning functions for :class:`PadShortcut`: the two sides are
     independent (different prune_in/prune_out: no intra-layer dependency, like a conv)."""
 
-    class ScatterShortcutPruner(tp.pruner.function.BasePruningFunc):
-        TARGET_MODULES = ScatterShortcut
+    def kept(n: int, idxs, device) -> torch.Tensor:
+        gone = {int(i) for i in idxs}
+        return torch.tensor([i for i in range(n) if i not in gone], dtype=torch.long,
+                            device=device)
+
+    class PadShortcutPruner(tp.pruner.function.BasePruningFunc):
+        TARGET_MODULES = PadShortcut
 
         def prune_out_channels(self, layer, idxs):
-            layer.dst, layer.src, n = _drop(layer.dst, layer.src, idxs)
-            layer.out_channels -= n
+            layer.keep_out(kept(layer.out_channels, idxs, layer.channel_map().device))
             return layer
 
         def prune_in_channels(self, layer, idxs):
-            layer.src, layer.dst, n = _drop(layer.src, layer.dst, idxs)
-            layer.in_channels -= n
+            layer.keep_in(kept(layer.in_channels, idxs, layer.channel_map().device))
             return layer
 
         def get_out_channels(self, layer):
@@ -141,32 +116,27 @@ def _scatter_pruner(tp):
         def get_in_channels(self, layer):
             return layer.in_channels
 
-    return ScatterShortcutPruner()
+    return PadShortcutPruner()
 
 
-def replace_pad_shortcuts(model: nn.Module, example: torch.Tensor) -> int:
-    """Replace every :class:`PadShortcut` of ``model`` by the equal :class:`ScatterShortcut`
-    (input widths read from one forward of ``example``); returns how many."""
-    found: dict[str, int] = {}
+def complete_pad_shortcuts(model: nn.Module, example: torch.Tensor) -> int:
+    """Give every :class:`PadShortcut` of ``model`` built without ``in_channels`` its input
+    width (read from one eval forward of ``example``: its map needs it); returns how many
+    PadShortcuts there are."""
     names = {m: n for n, m in model.named_modules() if isinstance(m, PadShortcut)}
-    if not names:
-        return 0
-    hooks = [m.register_forward_pre_hook(lambda m, a: found.__setitem__(names[m], a[0].shape[1]))
-             for m in names]
-    was_training = model.training
-    model.eval()  # BN running statistics must not move
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        model.train(was_training)
-        for h in hooks:
-            h.remove()
-    for m, name in names.items():
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        new = ScatterShortcut(found[name], m.pad).to(example.device)
-        setattr(parent, attr, new)
+    todo = [m for m in names if m.in_channels is None]
+    if todo:
+        hooks = [m.register_forward_pre_hook(
+            lambda m, a: setattr(m, "in_channels", a[0].shape[1])) for m in todo]
+        was_training = model.training
+        model.eval()  # BN running statistics must not move
+        try:
+            with torch.no_grad():
+                model(example)
+        finally:
+            model.train(was_training)
+            for h in hooks:
+                h.remove()
     return len(names)
 
 
@@ -239,7 +209,7 @@ class TorchPruningPeer:
         self.ignored = (_outside_internal_units(model, self.input_size)
                         if scope == "internal" else [self.classifier])
         self.scope = scope
-        self.shortcuts = replace_pad_shortcuts(model, self._example)
+        self.shortcuts = complete_pad_shortcuts(model, self._example)
         self.pruner = self._make_pruner(model, pruning_ratio=0.0)  # the regularizer; its DG
         self.channels = int(self.pruner.initial_total_channels)  # N, all groups' channels
         self.pruned = False
@@ -257,7 +227,7 @@ class TorchPruningPeer:
                     reg=self.reg, global_pruning=True, pruning_ratio=pruning_ratio,
                     ignored_layers=[model.get_submodule(n) for n in self.ignored],
                     round_to=self.round_to if self.round_to > 1 else None,
-                    customized_pruners={ScatterShortcut: _scatter_pruner(tp)})
+                    customized_pruners={PadShortcut: _pad_shortcut_pruner(tp)})
         finally:
             model.train(was_training)
 
