@@ -42,10 +42,12 @@ BASE_PROXY = ["--arch", "resnet20", "--val", "5000", "--keep", "0.3", "--round-t
 BASE_PROXY2 = ["--arch", "resnet20", "--val", "5000", "--keep", "0.3", "--round-to", "1",
                "--schedule", "cosine", "--warmup", "1", "--channels-last", "--quiet"]
 # Every grid's settings were named when paam-train's selection defaulted to the gate over
-# parameters; the grids say so explicitly, so that a setting keeps its meaning at any commit
-# (the default became value per joint cost later: train.py, _selection_defaults).  A setting's
-# own options come after these and replace them.
-_PAPER_SELECTION = ["--select-key", "gate", "--select-cost", "params", "--select-beta", "0"]
+# parameters, cut once; the grids say so explicitly, so that a setting keeps its meaning at any
+# commit (the defaults became value per joint cost, then the masked cut, later:
+# train_options.py, _selection_defaults).  A setting's own options come after these and
+# replace them.
+_PAPER_SELECTION = ["--select-key", "gate", "--select-cost", "params", "--select-beta", "0",
+                    "--after-select", "compact"]
 BASES = {"cpu-small": BASE_CPU + _PAPER_SELECTION, "proxy": BASE_PROXY + _PAPER_SELECTION,
          "proxy2": BASE_PROXY2 + _PAPER_SELECTION}
 # forks: the same seed's PAAM run's pre-selection state, another selection rule

@@ -414,6 +414,25 @@ def test_selection_defaults(argv, want):
     assert (a.select_key, a.select_cost, a.select_beta) == want
 
 
+@pytest.mark.parametrize("argv,want", [
+    # PAAM with a params+MACs budget cuts in masked steps (chosen on paired seeds)
+    ([], "masked"),
+    (["--keep", "0.15"], "masked"),
+    # other budgets, modes and methods: the one-shot cut, as before; a given option stays
+    (["--select-cost", "params"], "compact"),
+    (["--select-cost", "flops"], "compact"),
+    (["--mass", "0.9"], "compact"),
+    (["--method", "uniform", "--keep", "0.3"], "compact"),
+    (["--method", "slim"], "compact"),
+    (["--after-select", "compact"], "compact"),
+    (["--select-cost", "params", "--after-select", "masked"], "masked"),
+])
+def test_after_select_default(argv, want):
+    from paam_fast.train_options import build_parser, resolve
+
+    assert resolve(build_parser().parse_args(argv)).after_select == want
+
+
 def test_resume_of_a_run_older_than_the_selection_defaults_keeps_its_selection(tmp_path):
     """A config.json written before --select-key/--select-cost/--select-beta existed ran the
     gate over parameters; resuming it must not switch it to the new defaults."""
