@@ -135,6 +135,12 @@ GRIDS = {
                                                      "--select-cost", "params+flops",
                                                      "--select-beta", "1", "--keep", "0.15",
                                                      "--after-select", "masked"]),
+        # the gradual cut's control: the same joint phase cut in the same masked steps to
+        # uniform thinning's widths (each unit's own Taylor order): is the win at 0.15 the
+        # allocation or the gradual cut?
+        ("paam key=taylor same-pipeline uniform keep=0.15 masked",
+         [*_FORK, "--select-key", "taylor", "--select-allocation", "uniform", "--keep", "0.15",
+          "--after-select", "masked"]),
         # the same gradual cut at the default's own budget (paired with the one-shot default
         # `paam key=taylor both=0.3 beta=1`)
         ("paam key=taylor both=0.3 beta=1 masked", [*_FORK, "--select-key", "taylor",

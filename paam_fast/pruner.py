@@ -144,8 +144,8 @@ class Pruner:
         if select_allocation not in ("global", "uniform"):
             raise ValueError(f"select_allocation must be 'global' or 'uniform', got "
                              f"{select_allocation!r}")
-        if select_allocation == "uniform" and (keep is None or after_select != "compact"):
-            raise ValueError("select_allocation='uniform' needs keep= and after_select='compact'")
+        if select_allocation == "uniform" and keep is None:
+            raise ValueError("select_allocation='uniform' needs keep=")
         self.select_kw = {"key": select_key, "beta": select_beta,
                           "allocation": select_allocation, "latency": latency}
         self.optimizer = optimizer

@@ -48,6 +48,22 @@ def test_pruner_masked_mode_reaches_the_budget_in_steps_then_compacts():
     assert pf.count(model, (1, 3, 32, 32))["params"] == params[2]
 
 
+def test_masked_steps_with_uniform_allocation_end_at_uniform_widths():
+    """select_allocation="uniform" in masked mode: each step keeps the same fraction of every
+    unit (by the unit's own key), dead filters stay dead, and the last step lands on the widths
+    a one-shot uniform cut gives."""
+    from paam_fast.selection import uniform_alive
+
+    model, opt, pruner, log = _run("masked", epochs=6, keep=0.3, select_epoch=2,
+                                   final_epoch=5, steps=3, select_allocation="uniform")
+    sel = [e for evs in log for e in evs if e["event"] == "select"]
+    assert len(sel) == 3 and sel[0]["params"] > sel[1]["params"] > sel[2]["params"]
+    ctrl = model.paam
+    want = uniform_alive(ctrl.units, ctrl.structure, 0.3)
+    assert {u.name: len(ctrl.kept[u.id]) for u in ctrl.units} == \
+        {name: int(m.sum()) for name, m in want.items()}
+
+
 def test_pruner_target_adjusts_lambda():
     model, opt, pruner, log = _run("compact", epochs=4, target=0.5, select_epoch=3)
     lam = [e for evs in log for e in evs if e["event"] == "lambda"]
