@@ -174,6 +174,11 @@ GRIDS = {
         ("slim lam=0 same-pipeline uniform keep=0.15", ["--method", "slim", "--lam", "0",
                                                         "--select-allocation", "uniform",
                                                         "--keep", "0.15"]),
+        # ... and that plain dense warm start cut in the same masked steps: does the gradual
+        # cut need PAAM's joint phase at all?
+        ("slim lam=0 same-pipeline uniform keep=0.15 masked",
+         ["--method", "slim", "--lam", "0", "--select-allocation", "uniform", "--keep", "0.15",
+          "--after-select", "masked"]),
         # the uniform curve: its accuracy against params and MACs at more budgets
         ("uniform keep=0.15", ["--method", "uniform", "--keep", "0.15"]),
         ("uniform keep=0.5", ["--method", "uniform", "--keep", "0.5"]),
