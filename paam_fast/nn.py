@@ -204,11 +204,8 @@ class MaskedPadShortcut(_Gated, PadShortcut):
         gather = self.channel_map(input.device)
         if out is not None:
             gather = gather[out]
-        if inn is not None:  # input channel c is at position pos[c]; removed ones read zero
-            pos = torch.full((self.in_channels + 1,), inn.numel(), dtype=torch.long,
-                             device=input.device)
-            pos[inn] = torch.arange(inn.numel(), device=input.device)
-            gather = pos[gather]
+        if inn is not None:  # the input holds the alive channels only
+            gather = self.reindex_inputs(gather, inn)
         return gather_channels(input[:, :, ::2, ::2], gather)
 
 

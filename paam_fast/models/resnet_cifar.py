@@ -48,13 +48,18 @@ class PadShortcut(nn.Module):
         dense = torch.cat([torch.full((p,), c), torch.arange(c), torch.full((p,), c)])
         return dense if device is None else dense.to(device)
 
-    def keep_in(self, idx: torch.Tensor) -> None:
-        """Keep input channels ``idx`` (sorted): an output that copied a removed one is zero."""
+    def reindex_inputs(self, gather: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """``gather`` (input channels of this shortcut) for an input holding only channels
+        ``idx`` (sorted): positions in it, and len(idx) (zero) for a channel not there."""
         n = int(idx.numel())
         pos = torch.full((self.in_channels + 1,), n, dtype=torch.long, device=idx.device)
         pos[idx] = torch.arange(n, device=idx.device)
-        self.gather = pos[self.channel_map(idx.device)]
-        self.in_channels = n
+        return pos[gather]
+
+    def keep_in(self, idx: torch.Tensor) -> None:
+        """Keep input channels ``idx`` (sorted): an output that copied a removed one is zero."""
+        self.gather = self.reindex_inputs(self.channel_map(idx.device), idx)
+        self.in_channels = int(idx.numel())
 
     def keep_out(self, idx: torch.Tensor) -> None:
         """Keep output channels ``idx`` (sorted)."""
