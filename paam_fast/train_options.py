@@ -357,7 +357,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
 
 
 # What selection did before its defaults were chosen on evidence (and what a resumed run whose
-# configuration predates these options ran with): the paper-literal gate over parameters.
+# configuration predates these options ran with): the paper-literal gate over parameters, cut
+# once.
 LEGACY_SELECTION = {"select_key": "gate", "select_cost": "params", "select_beta": 0.0,
                     "after_select": "compact"}
 
