@@ -147,6 +147,11 @@ GRIDS = {
                                                     "--select-cost", "params+flops",
                                                     "--select-beta", "1", "--keep", "0.3",
                                                     "--after-select", "masked"]),
+        # ... and under a MAC budget (issue 18's second figure: uniform thinning at equal
+        # MACs, `uniform flops=0.3`), paired with the one-shot `paam key=taylor flops=0.3 beta=1`
+        ("paam key=taylor flops=0.3 beta=1 masked", [*_FORK, "--select-key", "taylor",
+                                                     "--select-cost", "flops", "--select-beta",
+                                                     "1", "--after-select", "masked"]),
         # the residual stages as units too (coupling="grouped" slices the option-A shortcut
         # since fcf82fb): its own joint phase (the units differ), so a whole run, cutting in
         # masked steps as the winner at 0.15 does; Torch-Pruning's edge at 0.15 came with
