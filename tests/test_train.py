@@ -415,12 +415,14 @@ def test_selection_defaults(argv, want):
 
 
 @pytest.mark.parametrize("argv,want", [
-    # PAAM with a params+MACs budget cuts in masked steps (chosen on paired seeds)
+    # PAAM with a params+MACs or a MAC budget cuts in masked steps (chosen on paired seeds)
     ([], "masked"),
     (["--keep", "0.15"], "masked"),
+    (["--select-cost", "flops"], "masked"),
     # other budgets, modes and methods: the one-shot cut, as before; a given option stays
     (["--select-cost", "params"], "compact"),
-    (["--select-cost", "flops"], "compact"),
+    (["--select-cost", "latency", "--keep", "0.5"], "compact"),
+    (["--select-cost", "flops", "--method", "uniform"], "compact"),
     (["--mass", "0.9"], "compact"),
     (["--method", "uniform", "--keep", "0.3"], "compact"),
     (["--method", "slim"], "compact"),
