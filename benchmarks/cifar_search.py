@@ -164,6 +164,17 @@ GRIDS = {
          ["--fork-from", "{runs}/paam_grouped_both0.15_beta1_masked-s{seed}", "--coupling",
           "grouped", "--select-key", "taylor", "--select-cost", "params+flops",
           "--select-beta", "1", "--keep", "0.15"]),
+        # the stages cut the way Torch-Pruning cuts them (7 / 12 / 22 of 16 / 32 / 64 at 0.15),
+        # without a global allocation (which starved them above, and which adds nothing inside
+        # the internal units): every unit, stages included, at the same fraction, from the
+        # grouped joint phase in the default's masked steps, and from scratch
+        ("paam grouped joint", ["--coupling", "grouped", "--stop-at-selection"]),
+        ("paam grouped same-pipeline uniform keep=0.15 masked",
+         ["--fork-from", "{runs}/paam_grouped_joint-s{seed}", "--coupling", "grouped",
+          "--select-key", "taylor", "--select-allocation", "uniform", "--keep", "0.15",
+          "--after-select", "masked"]),
+        ("uniform grouped keep=0.15", ["--method", "uniform", "--coupling", "grouped", "--keep",
+                                       "0.15"]),
         # the widths the default chose at 0.15, trained from scratch like uniform thinning: at
         # 0.3 they tied it (the gain was the warm start); at 0.15, is it the widths?
         ("retrain key=taylor both=0.15 beta=1",
