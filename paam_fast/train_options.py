@@ -374,7 +374,8 @@ def _selection_defaults(args) -> None:
     and spent 1.7× its MACs.  Under a MAC budget alone (--select-cost flops) PAAM selects by
     value per MAC, the Taylor key divided by each filter's MACs, also cut in masked steps.  Mass
     and target modes (they read the gates' mass), Network Slimming and Torch-Pruning (peers, as
-    published) keep the gate over parameters.  An option given on the command line is never overridden."""
+    published) keep the gate over parameters.  An option given on the command line is never
+    overridden."""
     budget = args.keep is not None and args.mass is None and args.target is None
     joint = budget and args.method in ("paam", "uniform", "random")
     if args.select_cost is None:
@@ -391,12 +392,10 @@ def _selection_defaults(args) -> None:
     # cutting to the budget in masked steps (the network adapting between them) beat the
     # one-shot cut at 0.15 of params and MACs over 5 paired seeds (+1.63 ± 0.56, p = 0.003),
     # was not worse at 0.3 (RESULTS.md, "Gradual cutting"), and beat it under a MAC budget of
-    # 0.3 (+0.62 ± 0.32, p = 0.013, "The gradual cut under a MAC budget"); the evidence is
-    # for those two budgets (the selection defaults above give both the Taylor key per cost)
+    # 0.3 (+0.62 ± 0.32, p = 0.013, "The gradual cut under a MAC budget"): the evidence is
+    # for the same budgets as the Taylor key per cost's
     if args.after_select is None:
-        gradual = budget and args.method == "paam" and args.select_cost in ("params+flops",
-                                                                             "flops")
-        args.after_select = "masked" if gradual else LEGACY_SELECTION["after_select"]
+        args.after_select = "masked" if chosen else LEGACY_SELECTION["after_select"]
 
 
 def _check_torch_pruning(args) -> None:
