@@ -57,3 +57,12 @@ def test_replace_table_swaps_only_the_matching_table():
     assert "| x | 1 |" in out and out.endswith("\n\n(after)\n")
     with pytest.raises(ValueError, match="found 0"):
         pc.replace_table("no table here\n", new)
+
+
+def test_the_curve_is_uniform_thinning_of_the_default_coupling_only():
+    """Uniform thinning with grouped coupling cuts the residual stages too: another family of
+    networks, not a point of the curve every other run is read against."""
+    assert pc.is_curve({"setting": "dense"}) and pc.is_curve({"setting": "uniform keep=0.15"})
+    assert pc.is_curve({"setting": "uniform latency=0.5"})
+    assert not pc.is_curve({"setting": "uniform grouped keep=0.15"})
+    assert not pc.is_curve({"setting": "paam key=taylor same-pipeline uniform keep=0.15"})
