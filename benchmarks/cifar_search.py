@@ -175,6 +175,10 @@ GRIDS = {
           "--after-select", "masked"]),
         ("uniform grouped keep=0.15", ["--method", "uniform", "--coupling", "grouped", "--keep",
                                        "0.15"]),
+        # ... and at the default's budget: is the default's edge over uniform thinning at 0.3
+        # an edge over thinning that leaves the stages whole (params go to the internal units)?
+        ("uniform grouped keep=0.3", ["--method", "uniform", "--coupling", "grouped", "--keep",
+                                      "0.3"]),
         # the widths the default chose at 0.15, trained from scratch like uniform thinning: at
         # 0.3 they tied it (the gain was the warm start); at 0.15, is it the widths?
         ("retrain key=taylor both=0.15 beta=1",
