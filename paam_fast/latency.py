@@ -28,6 +28,15 @@ removes then removes ``scale`` ms.  On an idle machine (BENCHMARKS.md, "Latency 
 idle") it predicted every exported network's latency relative to dense within 6%, where "rest"
 missed CIFAR ResNet20 at batch 256 by up to 32% (its isolated layers run faster than inside the
 network); without ``check`` there is no half-width measurement and the fit is "rest".
+Both are one straight line from the layers' sum Σ to the network's time, and neither holds far
+below half width where the untimed rest (residual adds, the ReLUs after them, shortcuts) shrinks
+with the gated stages: grouped CIFAR ResNet20 at batch 256, whose networks at 0.3 of latency sit
+near an eighth of its widths, was over-predicted by 64% (BENCHMARKS.md).  ``fit="curve"`` (ours)
+puts the line through more measured networks: T = f(Σ), f piecewise linear through the networks
+with every unit at an eighth, a quarter and half its width and the dense one (the three-quarter
+one is left out, to check it), extended linearly beyond them.  f is increasing (a table whose
+measurements are not is refused, and falls back to "scale"), so a budget T ≤ keep · T_dense is
+Σ ≤ f⁻¹(keep · T_dense): the selection counts Σ, which stays additive over the layers.
 ``LatencyTable.check`` holds how far the prediction was from measured networks at other widths
 (half and three-quarter width), taken when the table was built.
 
@@ -159,8 +168,9 @@ class LatencyTable:
     model's structure fingerprint, grid and repeats.  ``grids``: one per distinct layer shape;
     ``layers``: {"name": module name, "grid": index into grids}.  ``dense_ms``: the dense
     network measured whole; the prediction is ``fixed_ms + scale · Σ layers`` (``fit="rest"``:
-    scale 1, fixed_ms = dense_ms minus the layers' sum at dense widths).  ``check``: measured
-    networks at other widths against their predictions (or None).
+    scale 1, fixed_ms = dense_ms minus the layers' sum at dense widths), or with ``anchors``
+    (``fit="curve"``) Σ mapped through the line through the measured networks.  ``check``:
+    measured networks at other widths against their predictions (or None).
     """
 
     meta: dict
@@ -170,6 +180,7 @@ class LatencyTable:
     fixed_ms: float
     check: dict | None = None
     scale: float = 1.0
+    anchors: list[list[float]] | None = None  # fit "curve": [[Σ, measured ms], ...], Σ rising
     _bound: dict = field(default_factory=dict, repr=False, compare=False)
 
     # ---- the model it belongs to
@@ -197,12 +208,31 @@ class LatencyTable:
     def predict(self, structure: Structure, widths: dict[int, int] | None = None) -> float:
         """Predicted ms per forward at ``widths`` (default: dense)."""
         w = structure.widths() if widths is None else widths
-        return self.fixed_ms + self.scale * sum(b.ms(w) for b in self.bind(structure))
+        return self.ms_of(sum(b.ms(w) for b in self.bind(structure)))
+
+    def ms_of(self, layers_ms: float) -> float:
+        """The network's predicted ms when its timed layers sum to ``layers_ms``."""
+        if not self.anchors:
+            return self.fixed_ms + self.scale * layers_ms
+        xs = [a[0] for a in self.anchors]
+        j, t = _segment(xs, layers_ms)
+        lo, hi = self.anchors[j][1], self.anchors[j + 1][1]
+        return lo + t * (hi - lo)
+
+    def layers_for(self, ms: float) -> float:
+        """The inverse of :meth:`ms_of`: the layers' sum at which the network is predicted to
+        take ``ms`` (the prediction increases with the sum)."""
+        if not self.anchors:
+            return (ms - self.fixed_ms) / self.scale
+        ys = [a[1] for a in self.anchors]
+        j, t = _segment(ys, ms)
+        lo, hi = self.anchors[j][0], self.anchors[j + 1][0]
+        return lo + t * (hi - lo)
 
     def refit(self, fit: str) -> LatencyTable:
-        """A copy whose fixed rest and scale are fitted as ``fit`` says ("rest" or "scale"),
-        from the measurements this table holds (the dense network and, for "scale", the
-        half-width one); its check's predictions follow.  The layers' grids are shared."""
+        """A copy fitted as ``fit`` says ("rest", "scale" or "curve"), from the measurements
+        this table holds (the dense network and, for "scale" and "curve", the narrower ones);
+        its check's predictions follow.  The layers' grids are shared."""
         t = copy.copy(self)
         t.meta, t.check, t._bound = dict(self.meta), copy.deepcopy(self.check), {}
         _apply_fit(t, fit)
@@ -212,7 +242,8 @@ class LatencyTable:
     def to_json(self) -> dict:
         return {"format": FORMAT, **self.meta, "dense_ms": self.dense_ms,
                 "fixed_ms": self.fixed_ms, "scale": self.scale, "check": self.check,
-                "layers": self.layers, "grids": [g.to_json() for g in self.grids]}
+                "anchors": self.anchors, "layers": self.layers,
+                "grids": [g.to_json() for g in self.grids]}
 
     def save(self, path: str | os.PathLike) -> None:
         path = os.fspath(path)
@@ -227,14 +258,17 @@ class LatencyTable:
             raise ValueError(f"not a paam_fast latency table (format "
                              f"{d.get('format') if isinstance(d, dict) else None!r}, expected "
                              f"{FORMAT!r})")
-        body = ("format", "dense_ms", "fixed_ms", "scale", "check", "layers", "grids")
+        body = ("format", "dense_ms", "fixed_ms", "scale", "check", "anchors", "layers",
+                "grids")
         try:
             grids = [Grid(g["op"], [int(x) for x in g["ins"]], [int(x) for x in g["outs"]],
                           [[float(v) for v in row] for row in g["ms"]]) for g in d["grids"]]
             return cls(meta={k: v for k, v in d.items() if k not in body}, grids=grids,
                        layers=list(d["layers"]), dense_ms=float(d["dense_ms"]),
                        fixed_ms=float(d["fixed_ms"]), check=d.get("check"),
-                       scale=float(d.get("scale", 1.0)))
+                       scale=float(d.get("scale", 1.0)),
+                       anchors=[[float(x), float(y)] for x, y in d["anchors"]]
+                       if d.get("anchors") else None)
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"a malformed latency table ({type(e).__name__}: {e})") from e
 
@@ -256,8 +290,10 @@ class LatencyTable:
     def describe(self) -> str:
         m = self.meta
         return (f"latency table: {len(self.layers)} layers in {len(self.grids)} shapes, dense "
-                f"{self.dense_ms:.3f} ms (fixed {self.fixed_ms:.3f} ms, scale {self.scale:.3f}, "
-                f"fit {m.get('fit', 'rest')}) on {m.get('device')}, batch {m.get('batch')}, "
+                f"{self.dense_ms:.3f} ms ("
+                + (f"through {len(self.anchors)} measured networks, " if self.anchors else
+                   f"fixed {self.fixed_ms:.3f} ms, scale {self.scale:.3f}, ")
+                + f"fit {m.get('fit', 'rest')}) on {m.get('device')}, batch {m.get('batch')}, "
                 f"{m.get('dtype')}, {m.get('threads')} threads, {m.get('clock', 'wall')} clock")
 
 
@@ -488,16 +524,36 @@ def _fraction_alive(units, frac: float) -> dict[str, torch.Tensor]:
     return out
 
 
-FITS = ("rest", "scale")
+FITS = ("rest", "scale", "curve")
+# the networks measured with check=True (every unit at that fraction of its width); "curve" is
+# fitted to all but the three-quarter one, "scale" to the half one
+CHECKED = (("eighth", 0.125), ("quarter", 0.25), ("half", 0.5), ("three_quarter", 0.75))
+CURVE = ("eighth", "quarter", "half")
+
+
+def _curve(table: LatencyTable) -> tuple[list[list[float]] | None, str | None]:
+    """fit="curve": the anchors [[Σ, ms], ...] (the dense network and CURVE's), or None and
+    why not."""
+    check = table.check or {}
+    missing = [n for n in CURVE if n not in check]
+    if missing:
+        return None, f"no measurement of the {', '.join(missing)}-width network(s)"
+    pts = sorted([[check[n]["layers_ms"], check[n]["measured_ms"]] for n in CURVE]
+                 + [[table.meta["layers_dense_ms"], table.dense_ms]])
+    if any(b[0] <= a[0] or b[1] <= a[1] for a, b in zip(pts, pts[1:])):
+        return None, ("measured networks not increasing with their layers' sum (noise?): "
+                      + ", ".join(f"{x:.3g} -> {y:.3g} ms" for x, y in pts))
+    return pts, None
 
 
 def _apply_fit(table: LatencyTable, fit: str) -> None:
-    """Set ``fixed_ms`` and ``scale`` from the dense measurement (and, for "scale", the
-    half-width one), and the check's predictions."""
+    """Set ``fixed_ms`` and ``scale`` from the dense measurement (and, for "scale" and
+    "curve", the half-width one), ``anchors`` for "curve", and the check's predictions."""
     if fit not in FITS:
         raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
     dense_sum = table.meta["layers_dense_ms"]
     table.scale, table.fixed_ms = 1.0, table.dense_ms - dense_sum
+    table.anchors = None
     table.meta["fit"] = fit
     table.meta.pop("fit_refused", None)
     table.meta.pop("warning", None)
@@ -507,24 +563,33 @@ def _apply_fit(table: LatencyTable, fit: str) -> None:
             f"{table.dense_ms:.3f} ms): measurement noise (a machine busy with other work? "
             "clock='cpu' counts only this process's time, on one CPU thread); do not trust "
             "this table's predictions")
-    if fit == "scale":
+    if fit in ("scale", "curve"):
         half = (table.check or {}).get("half")
         if half is None:
-            raise ValueError("fit='scale' needs the half-width network's measurement "
+            raise ValueError(f"fit={fit!r} needs the half-width network's measurement "
                              "(latency_table(..., check=True))")
         ds = dense_sum - half["layers_ms"]
         scale = (table.dense_ms - half["measured_ms"]) / ds if ds > 0 else math.nan
         if 0.5 <= scale <= 2:
             table.scale = scale
             table.fixed_ms = table.dense_ms - scale * dense_sum
+            table.meta["fit"] = "scale"
         else:  # a measurement too noisy to fit: keep the plain rest, and say so
             table.meta["fit"] = "rest"
             table.meta["fit_refused"] = f"fitted scale {scale:.3f} outside [0.5, 2]"
+    if fit == "curve":
+        table.anchors, why = _curve(table)
+        if table.anchors is not None:
+            table.meta["fit"] = "curve"
+            table.meta.pop("fit_refused", None)
+        else:  # the line through dense and half width (or the plain rest), and say why
+            table.meta["fit_refused"] = f"curve: {why}"
+    fitted = {"scale": ("half",), "curve": CURVE}.get(table.meta["fit"], ())
     for name, c in (table.check or {}).items():
         if isinstance(c, dict):
-            c["predicted_ms"] = table.fixed_ms + table.scale * c["layers_ms"]
+            c["predicted_ms"] = table.ms_of(c["layers_ms"])
             c["error"] = c["measured_ms"] / c["predicted_ms"] - 1
-            c["fitted"] = table.meta["fit"] == "scale" and name == "half"
+            c["fitted"] = name in fitted
 
 
 def _check_args(grid, batch, repeats, fit, check) -> None:
@@ -537,8 +602,8 @@ def _check_args(grid, batch, repeats, fit, check) -> None:
         raise ValueError(f"repeats must be a positive integer, got {repeats!r}")
     if fit is not None and fit not in FITS:
         raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
-    if fit == "scale" and not check:
-        raise ValueError("fit='scale' fits to the half-width network that check=True measures")
+    if fit in ("scale", "curve") and not check:
+        raise ValueError(f"fit={fit!r} fits to the narrower networks that check=True measures")
 
 
 def _dense_copy(model: nn.Module, input_size, coupling: str):
@@ -613,8 +678,8 @@ def _measure_grids(shapes, axes, timer, progress, batch, device, dtype, channels
 
 def _measure_networks(table, work, structure, dense, check, batch, input_size, device, dtype,
                       channels_last, warmup, repeats, clock) -> None:
-    """The whole dense network (and, with ``check``, the half and three-quarter width ones)
-    measured interleaved, into ``table.dense_ms`` and ``table.check``."""
+    """The whole dense network (and, with ``check``, the ones at CHECKED's fractions of every
+    unit's width) measured interleaved, into ``table.dense_ms`` and ``table.check``."""
     from .export import export
     from .paamify import apply_masks, controller
 
@@ -622,7 +687,7 @@ def _measure_networks(table, work, structure, dense, check, batch, input_size, d
     fns = {"dense": _forward(dense, x)}
     sums = {"dense": table.meta["layers_dense_ms"]}
     if check:
-        for name, frac in (("half", 0.5), ("three_quarter", 0.75)):
+        for name, frac in CHECKED:
             apply_masks(work, _fraction_alive(structure.units, frac))
             fns[name] = _forward(_prepare(export(work), device, dtype, channels_last), x)
             sums[name] = table.predict(structure, controller(work).widths())
@@ -631,7 +696,7 @@ def _measure_networks(table, work, structure, dense, check, batch, input_size, d
     table.dense_ms = got["dense"]["median_ms"]
     if check:
         table.check = {"dense_p20_p80_ms": [got["dense"]["p20_ms"], got["dense"]["p80_ms"]]}
-        for name in ("half", "three_quarter"):
+        for name, _ in CHECKED:
             table.check[name] = {"layers_ms": sums[name], "measured_ms": got[name]["median_ms"],
                                  "p20_p80_ms": [got[name]["p20_ms"], got[name]["p80_ms"]]}
 
@@ -654,12 +719,14 @@ def latency_table(model: nn.Module, input_size: Sequence[int] | None = None, bat
             dense width (1 and dense are added).
         repeats, warmup: timed samples (median) and untimed calls per measurement.
         progress: a tqdm bar, on a terminal only.
-        check: also measure the network with every unit at half (and three-quarter) its
-            width, against the table's predictions (``LatencyTable.check``).
-        fit: "rest" (fixed = the dense network minus the layers' sum, scale 1) or "scale"
+        check: also measure the network with every unit at an eighth, a quarter, half and
+            three quarters of its width, against the table's predictions
+            (``LatencyTable.check``).
+        fit: "rest" (fixed = the dense network minus the layers' sum, scale 1), "scale"
             (ours: fixed and scale fitted to the dense and the half-width networks; needs
-            ``check``; see the module's docstring); default (None): "scale" with ``check``,
-            "rest" without.
+            ``check``) or "curve" (ours: piecewise linear through the dense and the eighth-,
+            quarter- and half-width networks; needs ``check``); see the module's docstring.
+            Default (None): "scale" with ``check``, "rest" without.
         clock: "wall" (default) or "cpu": the process's CPU time, for one CPU thread on a
             machine shared with other work (time spent descheduled is not counted).
         timer: ``(op, in_width, out_width) -> ms`` used instead of measuring (tests); then

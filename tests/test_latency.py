@@ -120,15 +120,34 @@ def test_a_measured_table_grows_with_width_along_its_grid():
         f"three tables failed (smallest vs dense ms, quarter/dense): {failures}"
 
 
+def _convex(table):
+    """What fit="curve" fits, made up: anchors at 1/8, 1/4, 1/2 and all of the dense layers'
+    sum S, the network taking S · (0.01 + x/2 + x²/2) at x of it (its untimed rest shrinking
+    with the widths, as grouped ResNet20's does)."""
+    s = table.meta["layers_dense_ms"]
+    table.anchors = [[x * s, s * (0.01 + x / 2 + x * x / 2)] for x in (0.125, 0.25, 0.5, 1.0)]
+    table.dense_ms = table.anchors[-1][1]
+    return table
+
+
+def _slope(table) -> float:
+    """The most one ms of timed layers adds to the prediction."""
+    if not table.anchors:
+        return table.scale
+    return max((b[1] - a[1]) / (b[0] - a[0]) for a, b in zip(table.anchors, table.anchors[1:]))
+
+
 @pytest.mark.parametrize("keep", [0.35, 0.55, 0.8])
 @pytest.mark.parametrize("round_to", [1, 8])
-@pytest.mark.parametrize("scale", [1.0, 1.3])
-def test_selection_never_exceeds_a_latency_budget(keep, round_to, scale):
+@pytest.mark.parametrize("fit", ["rest", "scale", "curve"])
+def test_selection_never_exceeds_a_latency_budget(keep, round_to, fit):
     model, table = _resnet20()
     ctrl = controller(model)
-    if scale != 1.0:  # what fit="scale" fits: fixed + scale · Σ layers
-        table.scale, table.fixed_ms = scale, 0.01 * table.dense_ms
+    if fit == "scale":  # what fit="scale" fits: fixed + scale · Σ layers
+        table.scale, table.fixed_ms = 1.3, 0.01 * table.dense_ms
         table.dense_ms = table.predict(ctrl.structure)
+    elif fit == "curve":
+        _convex(table)
     alive = [torch.ones(u.width, dtype=torch.bool) for u in ctrl.units]
     sel = choose(ctrl.units, _gates(ctrl), alive, ctrl.structure, ctrl.widths(), keep=keep,
                  cost="latency", latency=table, round_to=round_to)
@@ -138,8 +157,8 @@ def test_selection_never_exceeds_a_latency_budget(keep, round_to, scale):
     for u in ctrl.units:
         w[u.id] = sel.widths[u.name]
     assert sel.latency_ms == pytest.approx(table.predict(ctrl.structure, w))
-    step = max(step_costs(LatencyCost(ctrl.structure, table), ctrl.units, ctrl.widths(),
-                          [1] * len(ctrl.units)))
+    step = _slope(table) * max(step_costs(LatencyCost(ctrl.structure, table), ctrl.units,
+                                          ctrl.widths(), [1] * len(ctrl.units)))
     # no budget left on the table (a filter of round_to steps did not fit)
     assert sel.latency_ms > sel.budget - 2 * round_to * step - 0.01 * table.dense_ms
     assert sel.to_dict()["latency_ms"] == sel.latency_ms
@@ -217,8 +236,41 @@ def test_refit_fits_the_rest_and_the_scale_to_the_measured_networks():
     assert "noise" in table.refit("rest").meta["warning"]
 
 
+def test_the_curve_fit_goes_through_the_measured_networks_and_inverts():
+    model, table = _resnet20()
+    ctrl = controller(model)
+    s = table.meta["layers_dense_ms"]
+
+    def net(x):  # a network whose untimed rest shrinks with its widths
+        return s * (0.01 + x / 2 + x * x / 2)
+
+    table.dense_ms = net(1.0)
+    table.check = {n: {"layers_ms": x * s, "measured_ms": net(x)} for n, x in
+                   (("eighth", 0.125), ("quarter", 0.25), ("half", 0.5),
+                    ("three_quarter", 0.75))}
+    curve = table.refit("curve")
+    assert curve.meta["fit"] == "curve" and len(curve.anchors) == 4
+    for n in ("eighth", "quarter", "half"):
+        assert curve.check[n]["fitted"] and curve.check[n]["error"] == pytest.approx(0)
+    three = curve.check["three_quarter"]
+    assert not three["fitted"] and abs(three["error"]) < 0.05  # the left-out network
+    # the line through dense and half width alone over-predicts the eighth by far
+    assert table.refit("scale").check["eighth"]["error"] < -0.3
+    assert curve.predict(ctrl.structure) == pytest.approx(table.dense_ms)
+    for x in (0.05, 0.125, 0.3, 0.6, 1.2):  # beyond the anchors the end segments extend
+        assert curve.layers_for(curve.ms_of(x * s)) == pytest.approx(x * s)
+    assert curve.ms_of(0.3 * s) < curve.ms_of(0.31 * s)
+    table.check["quarter"]["measured_ms"] = net(0.1)  # below the eighth: not increasing
+    bad = table.refit("curve")
+    assert bad.meta["fit"] == "scale" and bad.anchors is None
+    assert "not increasing" in bad.meta["fit_refused"]
+    del table.check["eighth"]  # a table measured before the curve fit existed
+    assert "eighth" in table.refit("curve").meta["fit_refused"]
+
+
 def test_save_load_round_trip_and_a_foreign_table_is_refused(tmp_path):
     model, table = _resnet20()
+    _convex(table)
     ctrl = controller(model)
     path = tmp_path / "t.json"
     table.save(path)

@@ -75,9 +75,11 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--coupling", default="internal", choices=["internal", "grouped"],
                     help="grouped: residual channels are units too (lower budgets reachable)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--fit", default="scale", choices=["rest", "scale"],
+    ap.add_argument("--fit", default="scale", choices=["rest", "scale", "curve"],
                     help="rest: fixed = dense minus the layers' sum; scale: fixed and a scale "
-                    "fitted to the dense and half-width networks (paam_fast.latency)")
+                    "fitted to the dense and half-width networks; curve: piecewise linear "
+                    "through the dense, half-, quarter- and eighth-width networks "
+                    "(paam_fast.latency)")
     ap.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                     help="cpu: the process's CPU time (one CPU thread on a shared machine)")
     return ap
@@ -166,14 +168,13 @@ def _networks(a, model, ctrl, table, dev):
 def _read(rows, got, table, models, size):
     """Each row's measured figures, errors and counts; returns the other fit (or None)."""
     d = got["dense"]["median_ms"]
-    # the same networks predicted by the other fit of the same measurements
-    other = "scale" if table.meta.get("fit") == "rest" else "rest"
+    # the same networks predicted by another fit of the same measurements
+    other = {"rest": "scale", "scale": "curve", "curve": "scale"}[table.meta.get("fit", "rest")]
     alt = table.refit(other) if table.check and "half" in table.check else None
     for name, row in rows.items():
         g = got[name]
         if alt is not None:
-            layers = (row["predicted_ms"] - table.fixed_ms) / table.scale
-            p_alt = alt.fixed_ms + alt.scale * layers
+            p_alt = alt.ms_of(table.layers_for(row["predicted_ms"]))
             row[f"predicted_ms_{alt.meta['fit']}"] = p_alt
             row[f"error_{alt.meta['fit']}"] = g["median_ms"] / p_alt - 1
             row[f"error_vs_dense_{alt.meta['fit']}"] = \

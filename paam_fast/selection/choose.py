@@ -29,21 +29,12 @@ def _check(units, gates, keep, mass, min_keep, round_to) -> None:
                              "network diverged: lower the learning rate or λ")
 
 
-def _budget(keep: float, dense_total):
-    """``keep`` of the dense cost: counts (params, MACs, both) floored to whole counts, a
-    latency (ms) kept as it is."""
-    if isinstance(dense_total, Joint):
-        return (keep * dense_total).floor()
-    if isinstance(dense_total, int):
-        return int(math.floor(keep * dense_total))
-    return keep * dense_total
-
-
-def _amount(x, cost: str, unit: bool = True) -> str:
+def _amount(x, cost: str, model, unit: bool = True) -> str:
+    """A total of ``model`` in words (a latency total as the network's predicted ms)."""
     if isinstance(x, Joint):
         return f"{x.parts[0]:,} params and {x.parts[1]:,} MACs"
     if cost == "latency":
-        return f"{x:.4g} ms"
+        return f"{model.ms(x):.4g} ms"
     return f"{x:,} {cost}" if unit else f"{x:,}"
 
 
@@ -52,18 +43,19 @@ def _start_at_floors(units, keep, cost, min_keep, round_to, model, structure, wi
     """Budget mode's start: the budget in ``cost``, every unit at its floor in ``w``; a clear
     error if the parts no selection removes, or the floors, already exceed the budget."""
     dense_total = model.total(structure.widths())
-    budget = _budget(keep, dense_total)
+    budget = model.budget(keep)
     for u in units:
         w[u.id] = 0
     if model.total(w) > budget:
-        raise ValueError(f"keep={keep} asks for {_amount(budget, cost)} but the parts no "
-                         f"selection can remove need {_amount(model.total(w), cost, False)} of "
-                         f"the dense {_amount(dense_total, cost, False)}")
+        raise ValueError(f"keep={keep} asks for {_amount(budget, cost, model)} but the parts no "
+                         f"selection can remove need {_amount(model.total(w), cost, model, False)}"
+                         f" of the dense {_amount(dense_total, cost, model, False)}")
     for i, u in enumerate(units):
         w[u.id] = width(i, floors[i])
     if model.total(w) > budget:
-        need = _amount(model.total(w), cost, False)
-        raise ValueError(f"keep={keep} asks for {_amount(budget, cost)} but min_keep={min_keep} "
+        need = _amount(model.total(w), cost, model, False)
+        raise ValueError(f"keep={keep} asks for {_amount(budget, cost, model)} but "
+                         f"min_keep={min_keep} "
                          f"(round_to={round_to}) alone needs {need}")
     return budget
 
@@ -123,7 +115,7 @@ def choose(units: list[Space], gates: list[torch.Tensor], alive: list[torch.Tens
     budget = None
     if allocation == "uniform":  # the key orders filters inside a unit: any cost^beta will do
         steps, rank = ranked([1.0] * len(units) if beta else None)
-        budget = _budget(keep, model.total(structure.widths()))
+        budget = model.budget(keep)
         uw = uniform_widths(units, structure, keep, cost, round_to, latency)
         w.update({u.id: min(uw[u.id], mult[i] * n_alive[i]) for i, u in enumerate(units)})
     elif keep is not None:
@@ -149,8 +141,10 @@ def choose(units: list[Space], gates: list[torch.Tensor], alive: list[torch.Tens
         w.update({u.id: width(i, count[i]) for i, u in enumerate(units)})
     dense_w = structure.widths()
     lat = {}
-    if cost == "latency":
-        lat = {"latency_ms": model.total(w), "dense_latency_ms": model.total(dense_w)}
+    if cost == "latency":  # in predicted ms, the budget too
+        lat = {"latency_ms": model.ms(model.total(w)),
+               "dense_latency_ms": model.ms(model.total(dense_w))}
+        budget = None if budget is None else model.ms(budget)
     if isinstance(budget, Joint):
         budget = dict(zip(("params", "flops"), budget.parts))
     return Selection(alive=masks(units, steps, alive, rank, w), params=structure.params(w),

@@ -2,10 +2,12 @@
 
 A cost model answers two questions about widths ``w`` (space id -> channels): the model's
 ``total(w)``, and ``local(space_id)``, a function of ``w`` that sums only the terms a unit's width
-changes (its producers and its consumers).  The budget search adds a filter by recomputing the
-local part before and after, so the count stays exact (a filter's cost depends on its
-neighbours' widths) without recounting the whole model.  ``"latency"`` (:class:`LatencyCost`)
-answers them from a table measured on the target device (:mod:`paam_fast.latency`), in ms.
+changes (its producers and its consumers), and ``budget(keep)``, the total that ``keep`` of the
+dense model allows.  The budget search adds a filter by recomputing the local part before and
+after, so the count stays exact (a filter's cost depends on its neighbours' widths) without
+recounting the whole model.  ``"latency"`` (:class:`LatencyCost`) answers them from a table
+measured on the target device (:mod:`paam_fast.latency`): it counts the timed layers' sum, in
+ms as timed alone, which the table maps to the network's predicted ms (``ms``).
 ``"params+flops"`` (:class:`JointCost`) counts both at once: its totals are :class:`Joint`
 pairs, and a budget holds only when both parts do (a network at most as large *and* at most as
 costly as a given fraction of dense: what uniform thinning is at that fraction).
@@ -21,7 +23,7 @@ from ..graph import Structure
 
 # The latency table (paam_fast.latency.LatencyTable) is not imported here: latency measures
 # paamified models, paamify selects, and selection would import latency back (a circle).  A
-# table is anything with ``bind(structure)``, ``fixed_ms`` and ``scale``.
+# table is anything with ``bind(structure)``, ``ms_of``, ``layers_for`` and ``dense_ms``.
 LatencyTable = object
 
 Widths = dict[int, int]
@@ -41,6 +43,12 @@ class StructureCost:
 
     def total(self, w: Widths) -> int:
         return self.structure.params(w) if self.metric == "params" else self.structure.macs(w)
+
+    def budget(self, keep: float) -> int:
+        return int(math.floor(keep * self.total(self.structure.widths())))
+
+    def ms(self, total):  # only latency has another unit
+        return total
 
     def local(self, space_id: int) -> Callable[[Widths], int]:
         if space_id not in self._touching:
@@ -96,6 +104,12 @@ class JointCost:
     def total(self, w: Widths) -> Joint:
         return Joint(tuple(p.total(w) for p in self._parts))
 
+    def budget(self, keep: float) -> Joint:
+        return (keep * self.total(self.structure.widths())).floor()
+
+    def ms(self, total):
+        return total
+
     def local(self, space_id: int) -> Callable[[Widths], Joint]:
         fs = [p.local(space_id) for p in self._parts]
         return lambda w: Joint(tuple(f(w) for f in fs))
@@ -103,10 +117,12 @@ class JointCost:
 
 @dataclass
 class LatencyCost:
-    """Predicted latency in ms (a :class:`~paam_fast.latency.LatencyTable`): ``total(w)`` is the
-    table's fixed rest plus every timed layer at ``w`` (times the table's ``scale``);
-    ``local(space_id)`` sums the timed layers that read or write that space (the fixed rest
-    never changes with a width)."""
+    """Predicted latency (a :class:`~paam_fast.latency.LatencyTable`): ``total(w)`` is the sum of
+    every timed layer at ``w`` (ms as timed alone), ``local(space_id)`` the sum of those that
+    read or write that space, ``ms(total)`` the network's predicted ms at that sum (the table's
+    fit, increasing in it), and ``budget(keep)`` the sum at which the prediction is ``keep`` of
+    the measured dense network.  Counting the sum rather than the prediction keeps a filter's
+    cost additive under any fit."""
 
     structure: Structure
     table: LatencyTable
@@ -120,13 +136,19 @@ class LatencyCost:
         return "latency"
 
     def total(self, w: Widths) -> float:
-        return self.table.fixed_ms + self.table.scale * sum(b.ms(w) for b in self._layers)
+        return sum(b.ms(w) for b in self._layers)
 
     def local(self, space_id: int) -> Callable[[Widths], float]:
         if space_id not in self._touching:
             self._touching[space_id] = [b for b in self._layers if b.cost.touches(space_id)]
-        touching, scale = self._touching[space_id], self.table.scale
-        return lambda w: scale * sum(b.ms(w) for b in touching)
+        touching = self._touching[space_id]
+        return lambda w: sum(b.ms(w) for b in touching)
+
+    def budget(self, keep: float) -> float:
+        return self.table.layers_for(keep * self.table.dense_ms)
+
+    def ms(self, total: float) -> float:
+        return self.table.ms_of(total)
 
 
 COSTS = ("params", "flops", "latency", "params+flops")
@@ -144,7 +166,7 @@ def cost_model(structure: Structure, cost: str, latency: LatencyTable | None = N
         if latency is None:
             raise ValueError("cost='latency' needs latency=<a LatencyTable for this model> "
                              "(paam_fast.latency.latency_table)")
-        if not all(hasattr(latency, a) for a in ("bind", "fixed_ms", "scale")):
+        if not all(hasattr(latency, a) for a in ("bind", "ms_of", "layers_for", "dense_ms")):
             raise ValueError(f"latency must be a paam_fast.latency.LatencyTable, got "
                              f"{type(latency).__name__}")
         return LatencyCost(structure, latency)

@@ -22,9 +22,9 @@ def uniform_widths(units: list[Space], structure: Structure, keep: float, cost: 
     ⌈min(1, r·shares[u])·F⌉ instead."""
     check_keep(keep)
     shares = shares or [1.0] * len(units)
-    total = cost_model(structure, cost, latency).total
+    model = cost_model(structure, cost, latency)
+    total, budget = model.total, model.budget(keep)
     dense_w = structure.widths()
-    budget = keep * total(dense_w)
 
     def widths(r: float) -> dict[int, int]:
         w = dict(dense_w)
