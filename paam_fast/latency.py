@@ -22,12 +22,12 @@ dense cost.  One in-network profile on a CPU (ResNet50, batch 1, one thread, a m
 with other work) found the "fixed" rest of the half-width network ~30% below the dense one's
 (activations staying in cache more often), so that ``fit="rest"`` over-predicted it by ~10%;
 other tables on the same machine predicted it within 1%: the noise there did not settle it.
-``fit="scale"`` (ours, the default since 2026-12-03) fits ``fixed`` and ``scale`` to two
-measured networks instead, the dense one and every unit at half its width: every ms the table
-removes then removes ``scale`` ms.  On an idle machine (BENCHMARKS.md, "Latency budgets ...
-idle") it predicted every exported network's latency relative to dense within 6%, where "rest"
-missed CIFAR ResNet20 at batch 256 by up to 32% (its isolated layers run faster than inside the
-network); without ``check`` there is no half-width measurement and the fit is "rest".
+``fit="scale"`` (ours, the default from 2026-12-03 to 2026-12-07) fits ``fixed`` and ``scale``
+to two measured networks instead, the dense one and every unit at half its width: every ms the
+table removes then removes ``scale`` ms.  On an idle machine (BENCHMARKS.md, "Latency budgets
+... idle") it predicted every exported network's latency relative to dense within 6%, where
+"rest" missed CIFAR ResNet20 at batch 256 by up to 32% (its isolated layers run faster than
+inside the network); without ``check`` there is no half-width measurement and the fit is "rest".
 Both are one straight line from the layers' sum Σ to the network's time, and neither holds far
 below half width where the untimed rest (residual adds, the ReLUs after them, shortcuts) shrinks
 with the gated stages: grouped CIFAR ResNet20 at batch 256, whose networks at 0.3 of latency sit
@@ -36,7 +36,11 @@ puts the line through more measured networks: T = f(Σ), f piecewise linear thro
 with every unit at an eighth, a quarter and half its width and the dense one (the three-quarter
 one is left out, to check it), extended linearly beyond them.  f is increasing (a table whose
 measurements are not is refused, and falls back to "scale"), so a budget T ≤ keep · T_dense is
-Σ ≤ f⁻¹(keep · T_dense): the selection counts Σ, which stays additive over the layers.
+Σ ≤ f⁻¹(keep · T_dense): the selection counts Σ, which stays additive over the layers.  It is
+the default since 2026-12-07: above half width it is the "scale" line itself, and below it, in
+two idle runs on grouped ResNet20 at batch 256, the networks chosen for 0.3 of latency were
+predicted within 13% on the ratio to dense where the "scale" line missed the same networks by
+up to 26% (and the networks "scale" itself chose for 0.3 by 64%).
 ``LatencyTable.check`` holds how far the prediction was from measured networks at other widths
 (half and three-quarter width), taken when the table was built.
 
@@ -726,7 +730,7 @@ def latency_table(model: nn.Module, input_size: Sequence[int] | None = None, bat
             (ours: fixed and scale fitted to the dense and the half-width networks; needs
             ``check``) or "curve" (ours: piecewise linear through the dense and the eighth-,
             quarter- and half-width networks; needs ``check``); see the module's docstring.
-            Default (None): "scale" with ``check``, "rest" without.
+            Default (None): "curve" with ``check``, "rest" without.
         clock: "wall" (default) or "cpu": the process's CPU time, for one CPU thread on a
             machine shared with other work (time spent descheduled is not counted).
         timer: ``(op, in_width, out_width) -> ms`` used instead of measuring (tests); then
@@ -775,7 +779,7 @@ def latency_table(model: nn.Module, input_size: Sequence[int] | None = None, bat
         return table
     _measure_networks(table, work, structure, dense, check, batch, input_size, device, dtype,
                       channels_last, warmup, repeats, clock)
-    _apply_fit(table, fit or ("scale" if check else "rest"))
+    _apply_fit(table, fit or ("curve" if check else "rest"))
     table.meta["measure_s"] = round(time.time() - t0, 1)
     if "warning" in table.meta:
         import warnings

@@ -394,8 +394,9 @@ def test_the_latency_benchmark_runs_side_by_side(tmp_path, monkeypatch):
     torch.set_num_threads(1)
     res = bench.main(["--arch", "resnet20", "--size", "32", "--num-classes", "10", "--batch",
                       "8", "--keeps", "0.8", "--grid", "3", "--repeats", "2", "--rounds", "3",
-                      "--match-iters", "0", "--fit", "scale"])
-    assert res["table"]["fit"] in ("scale", "rest") and "half" in res["table"]["check"]
+                      "--match-iters", "0"])
+    # the default fit, or what it falls back to when a loaded machine's timings do not rise
+    assert res["table"]["fit"] in ("curve", "scale", "rest") and "eighth" in res["table"]["check"]
     assert res["rows"]["dense"]["measured_ms"] > 0
     # a table measured on a loaded machine may put 0.8 out of reach: then it says so
     if "0.8" in res["skipped"]:

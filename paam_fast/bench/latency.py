@@ -75,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--coupling", default="internal", choices=["internal", "grouped"],
                     help="grouped: residual channels are units too (lower budgets reachable)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--fit", default="scale", choices=["rest", "scale", "curve"],
+    ap.add_argument("--fit", default="curve", choices=["rest", "scale", "curve"],
                     help="rest: fixed = dense minus the layers' sum; scale: fixed and a scale "
                     "fitted to the dense and half-width networks; curve: piecewise linear "
                     "through the dense, half-, quarter- and eighth-width networks "
