@@ -33,16 +33,16 @@ below half width where the untimed rest (residual adds, the ReLUs after them, sh
 with the gated stages: grouped CIFAR ResNet20 at batch 256, whose networks at 0.3 of latency sit
 near an eighth of its widths, was over-predicted by 64% (BENCHMARKS.md).  ``fit="curve"`` (ours)
 puts the line through more measured networks: T = f(Σ), f piecewise linear through the networks
-with every unit at an eighth, a quarter and half its width and the dense one (the three-quarter
-one is left out, to check it), extended linearly beyond them.  f is increasing (a table whose
-measurements are not is refused, and falls back to "scale"), so a budget T ≤ keep · T_dense is
-Σ ≤ f⁻¹(keep · T_dense): the selection counts Σ, which stays additive over the layers.  It is
-the default since 2026-12-07: above half width it is the "scale" line itself, and below it, in
-two idle runs on grouped ResNet20 at batch 256, the networks chosen for 0.3 of latency were
-predicted within 13% on the ratio to dense where the "scale" line missed the same networks by
-up to 26% (and the networks "scale" itself chose for 0.3 by 64%).
+with every unit at an eighth, a quarter, half and three quarters of its width and the dense one
+(those at three and five eighths are left out, to check it), extended linearly beyond them.
+f is increasing (a table whose measurements are not is refused, and falls back to "scale"), so
+a budget T ≤ keep · T_dense is Σ ≤ f⁻¹(keep · T_dense): the selection counts Σ, which stays
+additive over the layers.  It is the default since 2026-12-07 (BENCHMARKS.md, "A curve
+through measured networks"): on grouped ResNet20 at batch 256 the held-out networks told the
+"scale" line's bias between half width and dense (the three-quarter network over-predicted by
+7–31% in three idle runs) and below half width (up to 26% at 0.3 of latency).
 ``LatencyTable.check`` holds how far the prediction was from measured networks at other widths
-(half and three-quarter width), taken when the table was built.
+(an eighth to three quarters of every unit's width), taken when the table was built.
 
     table = latency_table(model, (1, 3, 224, 224), batch=1)   # a paamified (or plain) model
     table.save("latency_table.json")
@@ -530,9 +530,10 @@ def _fraction_alive(units, frac: float) -> dict[str, torch.Tensor]:
 
 FITS = ("rest", "scale", "curve")
 # the networks measured with check=True (every unit at that fraction of its width); "curve" is
-# fitted to all but the three-quarter one, "scale" to the half one
-CHECKED = (("eighth", 0.125), ("quarter", 0.25), ("half", 0.5), ("three_quarter", 0.75))
-CURVE = ("eighth", "quarter", "half")
+# fitted to all but three and five eighths (left out, to check it), "scale" to the half one
+CHECKED = (("eighth", 0.125), ("quarter", 0.25), ("three_eighths", 0.375), ("half", 0.5),
+           ("five_eighths", 0.625), ("three_quarter", 0.75))
+CURVE = ("eighth", "quarter", "half", "three_quarter")
 
 
 def _curve(table: LatencyTable) -> tuple[list[list[float]] | None, str | None]:
@@ -723,13 +724,14 @@ def latency_table(model: nn.Module, input_size: Sequence[int] | None = None, bat
             dense width (1 and dense are added).
         repeats, warmup: timed samples (median) and untimed calls per measurement.
         progress: a tqdm bar, on a terminal only.
-        check: also measure the network with every unit at an eighth, a quarter, half and
-            three quarters of its width, against the table's predictions
+        check: also measure the network with every unit at CHECKED's fractions (an eighth to
+            three quarters) of its width, against the table's predictions
             (``LatencyTable.check``).
         fit: "rest" (fixed = the dense network minus the layers' sum, scale 1), "scale"
             (ours: fixed and scale fitted to the dense and the half-width networks; needs
             ``check``) or "curve" (ours: piecewise linear through the dense and the eighth-,
-            quarter- and half-width networks; needs ``check``); see the module's docstring.
+            quarter-, half- and three-quarter-width networks; needs ``check``); see the
+            module's docstring.
             Default (None): "curve" with ``check``, "rest" without.
         clock: "wall" (default) or "cpu": the process's CPU time, for one CPU thread on a
             machine shared with other work (time spent descheduled is not counted).

@@ -143,8 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--latency-fit", default="curve", choices=["rest", "scale", "curve"], help="how a "
       "measured latency table turns its layers into the network's latency: rest = dense minus "
       "the layers' sum is fixed; scale = fixed and a scale fitted to the dense and half-width "
-      "networks (ours); curve = piecewise linear through the dense, half-, quarter- and "
-      "eighth-width networks (ours, the default; paam_fast.latency)")
+      "networks (ours); curve = piecewise linear through the dense, three-quarter-, half-, "
+      "quarter- and eighth-width networks (ours, the default; paam_fast.latency)")
     a("--select-key", default=None, choices=["gate", "unit_mean", "taylor"],
       help="what selection ranks filters by (ours): gate = g; unit_mean = g / its unit's mean g "
            "(comparable across units of different widths); taylor = |g·dL/dg| over "

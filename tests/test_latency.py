@@ -246,14 +246,14 @@ def test_the_curve_fit_goes_through_the_measured_networks_and_inverts():
 
     table.dense_ms = net(1.0)
     table.check = {n: {"layers_ms": x * s, "measured_ms": net(x)} for n, x in
-                   (("eighth", 0.125), ("quarter", 0.25), ("half", 0.5),
-                    ("three_quarter", 0.75))}
+                   (("eighth", 0.125), ("quarter", 0.25), ("three_eighths", 0.375),
+                    ("half", 0.5), ("five_eighths", 0.625), ("three_quarter", 0.75))}
     curve = table.refit("curve")
-    assert curve.meta["fit"] == "curve" and len(curve.anchors) == 4
-    for n in ("eighth", "quarter", "half"):
+    assert curve.meta["fit"] == "curve" and len(curve.anchors) == 5
+    for n in ("eighth", "quarter", "half", "three_quarter"):
         assert curve.check[n]["fitted"] and curve.check[n]["error"] == pytest.approx(0)
-    three = curve.check["three_quarter"]
-    assert not three["fitted"] and abs(three["error"]) < 0.05  # the left-out network
+    for n in ("three_eighths", "five_eighths"):  # the left-out networks
+        assert not curve.check[n]["fitted"] and abs(curve.check[n]["error"]) < 0.05
     # the line through dense and half width alone over-predicts the eighth by far
     assert table.refit("scale").check["eighth"]["error"] < -0.3
     assert curve.predict(ctrl.structure) == pytest.approx(table.dense_ms)
