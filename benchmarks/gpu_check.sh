@@ -6,11 +6,15 @@
 # parts that failed or were skipped for time (0: all passed), and the last line names them.
 # Usage on the device: bash benchmarks/gpu_check.sh   (needs .data/cifar10-jpeg.tar.gz carried)
 # Dry-run on a CPU: OUT=/tmp/out GPU_CHECK_DRY=1 bash benchmarks/gpu_check.sh
+# GPU_CHECK_ONLY=latency: install, info and issue 20's latency figures only (the second run of a
+# session that has device time left after the first; same limits and results layout).
 set -u
 OUT="${OUT:-/tmp/paam_out}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PAAM_BENCH_OUT="$OUT/bench" PAAM_FAST_CACHE="/tmp/paam_cache"
 DRY="${GPU_CHECK_DRY:-0}"
+ONLY="${GPU_CHECK_ONLY:-}"
+case "$ONLY" in ""|latency) ;; *) echo "GPU_CHECK_ONLY must be empty or latency" >&2; exit 2;; esac
 # The whole check ends inside 8 minutes on the H200: every part's limit is cut to what is left
 # of DEADLINE seconds, and a part with under 10 s left is skipped (recorded with rc "skip").
 # A dry run on a CPU is slower: its limits and deadline are multiplied by SCALE.
@@ -44,6 +48,22 @@ if [ "$DRY" = 0 ]; then
 fi
 part info 30 python -m paam_fast.info
 
+if [ "$ONLY" = latency ]; then
+  # Issue 20 on the GPU: predicted against measured latency at 0.3 / 0.5 / 0.7 of dense, PAAM and
+  # uniform side by side (bf16, channels_last, as the GPU runs them); JSON under $OUT/bench.
+  if [ "$DRY" = 1 ]; then
+    R50="--arch resnet20 --size 16 --num-classes 10 --batch 2 --grid 2 --repeats 1 --rounds 1 --match-iters 0"
+    R20="$R50"; LT="--dtype float32"
+  else
+    R50="--arch resnet50 --size 224 --batch 256"
+    R20="--arch resnet20 --size 32 --num-classes 10 --batch 256 --round-to 1"; LT="--dtype bfloat16 --channels-last"
+  fi
+  for cpl in grouped internal; do
+    part "latency_resnet50_$cpl" 150 python -m paam_fast.bench.latency $R50 $LT --coupling $cpl --keeps 0.3 0.5 0.7
+  done
+  part latency_resnet20_grouped 90 python -m paam_fast.bench.latency $R20 $LT --coupling grouped --keeps 0.3 0.5 0.7
+else
+
 PYT="python -m pytest -q -p no:cacheprovider"
 part test_triton_scoring 180 $PYT tests/test_triton_scoring.py
 part test_gpu 120 $PYT tests/test_gpu.py tests/test_step.py
@@ -76,6 +96,7 @@ if [ -f .data/cifar10-jpeg.tar.gz ] && [ "$left" -gt $(( 90 * SCALE )) ]; then
 else
   log "CIFAR-10 comparison skipped (.data/cifar10-jpeg.tar.gz missing or ${left}s left)"
 fi
+fi  # GPU_CHECK_ONLY
 
 failed=$(awk -F'\t' '$2 != "0" {print $1 "(rc " $2 ")"}' "$OUT/parts.tsv" | tr '\n' ' ')
 nfail=$(awk -F'\t' '$2 != "0"' "$OUT/parts.tsv" | wc -l)

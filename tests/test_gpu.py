@@ -111,3 +111,19 @@ def test_paam_train_cli_with_cuda_graphs(tmp_path):
 
     rep = json.load(open(f"{out}/report.json"))
     assert rep["top1"] > 0.5 and rep["params_final"] <= 0.5 * rep["params_dense"]
+
+
+def test_a_latency_table_on_cuda_predicts_and_budgets_in_bf16():
+    """Issue 20 on the device: a table timed on the GPU (bf16, channels_last, synchronised by
+    the harness) gives a positive dense prediction, and a selection under it stays within its
+    latency budget by that table."""
+    from paam_fast.latency import latency_table
+
+    model = pf.paamify(pf.models.resnet20(), coupling="grouped")
+    table = latency_table(model, batch=64, device="cuda", dtype=torch.bfloat16,
+                          channels_last=True, grid=3, repeats=3, progress=False)
+    assert table.meta["device_kind"] == "cuda" and table.dense_ms > 0
+    assert all(c["measured_ms"] > 0 for c in table.check.values() if isinstance(c, dict))
+    model(torch.randn(2, 3, 32, 32))  # the gates, on the CPU: the table timed a copy
+    sel = pf.select(model, keep=0.7, cost="latency", latency=table)
+    assert 0 < sel.latency_ms <= 0.7 * table.dense_ms * (1 + 1e-9)
