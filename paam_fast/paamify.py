@@ -332,9 +332,10 @@ class PaamController(nn.Module):
         return out
 
     def _latency_filter_costs(self) -> list[float]:
-        """c_l under ``cost="latency"``: the predicted ms one filter of each unit costs now
-        (``self.latency_table``, set by :class:`~paam_fast.Pruner`), floored at a millionth of
-        the dearest so a noisy flat stretch of the table never makes a filter free."""
+        """c_l under ``cost="latency"``: the ms one filter of each unit costs now in the timed
+        layers of ``self.latency_table`` (set by :class:`~paam_fast.Pruner`; the penalty divides
+        by the total, so the table's fit from layers to network cancels), floored at a millionth
+        of the dearest so a noisy flat stretch of the table never makes a filter free."""
         table = getattr(self, "latency_table", None)
         if table is None:
             raise ValueError("cost='latency' needs a latency table: Pruner(..., latency=table) "

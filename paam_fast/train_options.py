@@ -123,8 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mass", type=_fraction, default=None, help="mass mode: keep the shortest "
                    "prefix of gates summing to this fraction")
     a("--cost", default="uniform", choices=["uniform", "params", "flops", "latency"],
-      help="per-filter cost in the penalty (latency: a filter's predicted ms, from the latency "
-           "table)")
+      help="per-filter cost in the penalty (latency: a filter's ms in the latency table's timed "
+           "layers)")
     a("--select-cost", default=None, choices=["params", "flops", "latency", "params+flops"],
       help="what --keep and --target are fractions of (params+flops: both at once, the network "
            "at most that fraction of dense in parameters and in MACs; default params+flops for "
