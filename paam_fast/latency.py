@@ -41,6 +41,12 @@ additive over the layers.  It is the default since 2026-12-07 (BENCHMARKS.md, "A
 through measured networks"): on grouped ResNet20 at batch 256 the held-out networks told the
 "scale" line's bias between half width and dense (the three-quarter network over-predicted by
 7–31% in three idle runs) and below half width (up to 26% at 0.3 of latency).
+The measured networks have the widths a selection at the table's ``round_to`` makes: on the
+2-core CPU a network whose every width is a multiple of 8 ran 31–39% faster than one with a
+channel more (a whole-network fast path no layer timed alone shows), so for a ``round_to`` that
+is not a multiple of 8 a width landing on a multiple of 8 gets one step more (half of grouped
+ResNet20 is measured at 9 / 17 / 33, not 8 / 16 / 32), and a selection at a ``round_to`` of the
+other kind is warned (``LatencyTable.mismatch``).
 ``LatencyTable.check`` holds how far the prediction was from measured networks at other widths
 (an eighth to three quarters of every unit's width), taken when the table was built.
 
@@ -232,6 +238,17 @@ class LatencyTable:
         j, t = _segment(ys, ms)
         lo, hi = self.anchors[j][0], self.anchors[j + 1][0]
         return lo + t * (hi - lo)
+
+    def mismatch(self, round_to: int) -> str | None:
+        """Why this table's measured networks do not look like a selection at ``round_to``
+        (one side's widths multiples of 8, the other's not), or None."""
+        mine = self.meta.get("round_to")
+        if not self.anchors or mine is None or (mine % 8 == 0) == (round_to % 8 == 0):
+            return None
+        return (f"the latency table's curve was measured for round_to={mine} and this selection "
+                f"has round_to={round_to}: on devices with a fast path for widths that are "
+                "multiples of 8 its prediction is biased (build the table with "
+                f"round_to={round_to})")
 
     def refit(self, fit: str) -> LatencyTable:
         """A copy fitted as ``fit`` says ("rest", "scale" or "curve"), from the measurements
@@ -517,13 +534,26 @@ def measure_like(table: LatencyTable, models: dict[str, nn.Module], device=None,
                       clock=m.get("clock", "wall"))
 
 
-def _fraction_alive(units, frac: float) -> dict[str, torch.Tensor]:
-    """Every unit at ``frac`` of its width (rounded up, the same number in every group)."""
+def _fraction_alive(units, frac: float, round_to: int = 1) -> dict[str, torch.Tensor]:
+    """Every unit at ``frac`` of its width (rounded up, the same number in every group), as a
+    selection at ``round_to`` makes it: for ``round_to`` not a multiple of 8, a width that
+    lands on a multiple of 8 below the dense one gets one step (lcm(groups, round_to)) more.
+
+    Why: on the 2-core CPU the network whose every width is a multiple of 8 ran 31–39% faster
+    than the one with one channel more per 16, a whole-network fast path that no layer timed
+    alone shows (BENCHMARKS.md, "A curve through measured networks"); the half-width anchor
+    (8 / 16 / 32 on CIFAR ResNet20) then sat below every network a round_to=1 selection makes.
+    (On a GPU, tensor cores want multiples of 8 per layer: the same reasoning.)"""
     out = {}
     for u in units:
         g = u.groups
-        m = torch.zeros(g, u.width // g, dtype=torch.bool)
-        m[:, : max(1, math.ceil(u.width // g * frac))] = True
+        per_group = u.width // g
+        k = max(1, math.ceil(per_group * frac))
+        step = math.lcm(g, round_to)
+        if round_to % 8 and step % 8 and (g * k) % 8 == 0 and g * k + step < u.width:
+            k += step // g
+        m = torch.zeros(g, per_group, dtype=torch.bool)
+        m[:, :k] = True
         out[u.name] = m.flatten()
     return out
 
@@ -682,20 +712,24 @@ def _measure_grids(shapes, axes, timer, progress, batch, device, dtype, channels
 
 
 def _measure_networks(table, work, structure, dense, check, batch, input_size, device, dtype,
-                      channels_last, warmup, repeats, clock) -> None:
+                      channels_last, warmup, repeats, clock, round_to) -> None:
     """The whole dense network (and, with ``check``, the ones at CHECKED's fractions of every
-    unit's width) measured interleaved, into ``table.dense_ms`` and ``table.check``."""
+    unit's width, as a selection at ``round_to`` makes them) measured interleaved, into
+    ``table.dense_ms`` and ``table.check``."""
     from .export import export
     from .paamify import apply_masks, controller
 
     x = _input(batch, input_size, device, dtype, channels_last)
     fns = {"dense": _forward(dense, x)}
     sums = {"dense": table.meta["layers_dense_ms"]}
+    widths = {}
     if check:
         for name, frac in CHECKED:
-            apply_masks(work, _fraction_alive(structure.units, frac))
+            apply_masks(work, _fraction_alive(structure.units, frac, round_to))
             fns[name] = _forward(_prepare(export(work), device, dtype, channels_last), x)
-            sums[name] = table.predict(structure, controller(work).widths())
+            w = controller(work).widths()
+            sums[name] = table.predict(structure, w)
+            widths[name] = sorted(set(w.values()))
     got = compare_ms(fns, device=device, warmup=warmup, rounds=max(2 * repeats + 1, 7),
                      clock=clock)
     table.dense_ms = got["dense"]["median_ms"]
@@ -703,6 +737,7 @@ def _measure_networks(table, work, structure, dense, check, batch, input_size, d
         table.check = {"dense_p20_p80_ms": [got["dense"]["p20_ms"], got["dense"]["p80_ms"]]}
         for name, _ in CHECKED:
             table.check[name] = {"layers_ms": sums[name], "measured_ms": got[name]["median_ms"],
+                                 "widths": widths[name],
                                  "p20_p80_ms": [got[name]["p20_ms"], got[name]["p80_ms"]]}
 
 
@@ -710,7 +745,7 @@ def latency_table(model: nn.Module, input_size: Sequence[int] | None = None, bat
                   device="cpu", dtype: torch.dtype = torch.float32, channels_last: bool = False,
                   grid: int | Sequence[float] = 8, repeats: int = 5, warmup: int = 2,
                   progress: bool = True, coupling: str = "internal", check: bool = True,
-                  clock: str = "wall", fit: str | None = None,
+                  clock: str = "wall", fit: str | None = None, round_to: int = 1,
                   timer: Callable[[dict, int, int], float] | None = None) -> LatencyTable:
     """Measure a latency table for ``model`` on ``device``.
 
@@ -733,6 +768,10 @@ def latency_table(model: nn.Module, input_size: Sequence[int] | None = None, bat
             quarter-, half- and three-quarter-width networks; needs ``check``); see the
             module's docstring.
             Default (None): "curve" with ``check``, "rest" without.
+        round_to: the ``round_to`` of the selections the table will serve: the networks
+            ``check`` measures have the widths such a selection makes (for a ``round_to`` that
+            is not a multiple of 8, none of them a multiple of 8 where that can be helped; see
+            ``_fraction_alive``).
         clock: "wall" (default) or "cpu": the process's CPU time, for one CPU thread on a
             machine shared with other work (time spent descheduled is not counted).
         timer: ``(op, in_width, out_width) -> ms`` used instead of measuring (tests); then
@@ -745,6 +784,8 @@ def latency_table(model: nn.Module, input_size: Sequence[int] | None = None, bat
     from .paamify import controller
 
     _check_args(grid, batch, repeats, fit, check)
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise ValueError(f"round_to must be a positive integer, got {round_to!r}")
     device = torch.device(device)
     if timer is None:
         from .bench.harness import _clock
@@ -770,6 +811,7 @@ def latency_table(model: nn.Module, input_size: Sequence[int] | None = None, bat
             "model": type(model).__name__, "coupling": controller(work).coupling,
             "grid": grid if isinstance(grid, int) else list(grid), "repeats": repeats,
             "warmup": warmup, "clock": clock, "fit": "rest", "points": n_points,
+            "round_to": round_to,
             "measure_s": round(table_s, 1),
             "date": time.strftime("%Y-%m-%d %H:%M:%S"),
             "measured": timer is None}
@@ -780,7 +822,7 @@ def latency_table(model: nn.Module, input_size: Sequence[int] | None = None, bat
         table.dense_ms = dense_sum
         return table
     _measure_networks(table, work, structure, dense, check, batch, input_size, device, dtype,
-                      channels_last, warmup, repeats, clock)
+                      channels_last, warmup, repeats, clock, round_to)
     _apply_fit(table, fit or ("curve" if check else "rest"))
     table.meta["measure_s"] = round(time.time() - t0, 1)
     if "warning" in table.meta:

@@ -350,7 +350,7 @@ class Run:
                                   device=self.dev,
                                   dtype=torch.bfloat16 if args.amp == "bf16" else torch.float32,
                                   channels_last=args.channels_last, progress=not args.quiet,
-                                  fit=args.latency_fit)
+                                  fit=args.latency_fit, round_to=args.round_to)
             table.save(path)
             if not args.quiet:
                 print(table.describe(), flush=True)

@@ -93,7 +93,7 @@ def _table(a, model, size, dev):
     else:
         table = latency_table(model, size, batch=a.batch, device=dev, grid=a.grid,
                               repeats=a.repeats, channels_last=a.channels_last, clock=a.clock,
-                              fit=a.fit, dtype=getattr(torch, a.dtype))
+                              fit=a.fit, dtype=getattr(torch, a.dtype), round_to=a.round_to)
         if a.save_table:
             table.save(a.save_table)
     table_s = time.time() - t0
