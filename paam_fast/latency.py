@@ -41,12 +41,15 @@ additive over the layers.  It is the default since 2026-12-07 (BENCHMARKS.md, "A
 through measured networks"): on grouped ResNet20 at batch 256 the held-out networks told the
 "scale" line's bias between half width and dense (the three-quarter network over-predicted by
 7–31% in three idle runs) and below half width (up to 26% at 0.3 of latency).
-The measured networks have the widths a selection at the table's ``round_to`` makes: on the
-2-core CPU a network whose every width is a multiple of 8 ran 31–39% faster than one with a
-channel more (a whole-network fast path no layer timed alone shows), so for a ``round_to`` that
-is not a multiple of 8 a width landing on a multiple of 8 gets one step more (half of grouped
-ResNet20 is measured at 9 / 17 / 33, not 8 / 16 / 32), and a selection at a ``round_to`` of the
-other kind is warned (``LatencyTable.mismatch``).
+Widths off the multiples of 8 can be much slower: on the 2-core CPU a 16 × 16 conv + BN +
+ReLU takes 3.7 ms at 16 → 16 channels, 12.3 ms at 17 → 17 and 13.1 at 24 → 24 (timed alone;
+inside the network the same), a cliff that a grid of aligned points interpolates straight
+across.  So a table for selections at a ``round_to`` that is not a multiple of 8 also times
+each aligned grid point's next width, and reads an unaligned width among unaligned points
+only (:class:`Grid`'s ``align``; about 4× the points of an aligned table), and the networks its
+curve is fitted to have the widths such a selection makes (half of grouped ResNet20 at 9 / 17 /
+33, not 8 / 16 / 32); a selection at a ``round_to`` of the other kind is warned
+(``LatencyTable.mismatch``).
 ``LatencyTable.check`` holds how far the prediction was from measured networks at other widths
 (an eighth to three quarters of every unit's width), taken when the table was built.
 
@@ -117,30 +120,65 @@ def _segment(xs: list[int], x: float) -> tuple[int, float]:
 @dataclass
 class Grid:
     """One layer shape's measurements: ``ms[a][b]`` at input width ``ins[a]`` and output width
-    ``outs[b]`` (an axis with one point does not vary).  ``op`` says what was timed."""
+    ``outs[b]`` (an axis with one point does not vary).  ``op`` says what was timed.
+
+    ``align`` = (q_in, q_out): an axis with q > 0 holds two families of widths, the multiples
+    of q and the rest (its two ends belong to both), and a width is interpolated among the
+    points of its own family only.  Why: a device may run a layer several times slower one
+    channel past a multiple of 8 (the 2-core CPU: a 16 × 16 conv at 17 → 17 channels 3.3×
+    slower than at 16 → 16; BENCHMARKS.md, "Two families of widths"), and a straight line from
+    the aligned point 16 to 24 reads 17 at 16's speed."""
 
     op: dict
     ins: list[int]
     outs: list[int]
     ms: list[list[float]]
+    align: tuple[int, int] = (0, 0)
+
+    def __post_init__(self):
+        self.align = (int(self.align[0]), int(self.align[1]))
+        # per axis, per family (aligned?): the indices of its points and their widths
+        self._fam = [{f: _family(xs, q, f) for f in (False, True)}
+                     for xs, q in ((self.ins, self.align[0]), (self.outs, self.align[1]))]
+
+    def _points(self, axis: int, x: float) -> tuple[list[int], list[int]]:
+        q = self.align[axis]
+        return self._fam[axis][bool(q) and abs(x - round(x)) < 1e-9 and round(x) % q == 0]
 
     def __call__(self, i: float, o: float) -> float:
-        """Bilinear interpolation at (input width i, output width o), in ms."""
-        a, s = _segment(self.ins, i)
-        b, t = _segment(self.outs, o)
+        """Bilinear interpolation at (input width i, output width o), in ms, among the points
+        of each width's family."""
+        ia, ix = self._points(0, i)
+        ob, ox = self._points(1, o)
+        a, s = _segment(ix, i)
+        b, t = _segment(ox, o)
         m = self.ms
-        if len(self.ins) == 1 and len(self.outs) == 1:
-            return m[0][0]
-        if len(self.ins) == 1:
-            return m[0][b] + t * (m[0][b + 1] - m[0][b])
-        if len(self.outs) == 1:
-            return m[a][0] + s * (m[a + 1][0] - m[a][0])
-        lo = m[a][b] + t * (m[a][b + 1] - m[a][b])
-        hi = m[a + 1][b] + t * (m[a + 1][b + 1] - m[a + 1][b])
+        if len(ix) == 1 and len(ox) == 1:
+            return m[ia[0]][ob[0]]
+        if len(ix) == 1:
+            r = m[ia[0]]
+            return r[ob[b]] + t * (r[ob[b + 1]] - r[ob[b]])
+        if len(ox) == 1:
+            c = ob[0]
+            return m[ia[a]][c] + s * (m[ia[a + 1]][c] - m[ia[a]][c])
+        lo_row, hi_row = m[ia[a]], m[ia[a + 1]]
+        lo = lo_row[ob[b]] + t * (lo_row[ob[b + 1]] - lo_row[ob[b]])
+        hi = hi_row[ob[b]] + t * (hi_row[ob[b + 1]] - hi_row[ob[b]])
         return lo + s * (hi - lo)
 
     def to_json(self) -> dict:
-        return {"op": self.op, "ins": self.ins, "outs": self.outs, "ms": self.ms}
+        d = {"op": self.op, "ins": self.ins, "outs": self.outs, "ms": self.ms}
+        if any(self.align):
+            d["align"] = list(self.align)
+        return d
+
+
+def _family(xs: list[int], q: int, aligned: bool) -> tuple[list[int], list[int]]:
+    """(indices, widths) of the points of ``xs`` in one family: all of them without ``q``;
+    else the multiples of q (``aligned``) or the rest, and the two ends in both."""
+    keep = [k for k, x in enumerate(xs)
+            if not q or k in (0, len(xs) - 1) or (x % q == 0) == aligned]
+    return keep, [xs[k] for k in keep]
 
 
 @dataclass
@@ -283,7 +321,8 @@ class LatencyTable:
                 "grids")
         try:
             grids = [Grid(g["op"], [int(x) for x in g["ins"]], [int(x) for x in g["outs"]],
-                          [[float(v) for v in row] for row in g["ms"]]) for g in d["grids"]]
+                          [[float(v) for v in row] for row in g["ms"]],
+                          tuple(g.get("align", (0, 0)))) for g in d["grids"]]
             return cls(meta={k: v for k, v in d.items() if k not in body}, grids=grids,
                        layers=list(d["layers"]), dense_ms=float(d["dense_ms"]),
                        fixed_ms=float(d["fixed_ms"]), check=d.get("check"),
@@ -415,16 +454,19 @@ def _ops(gm: fx.GraphModule, structure: Structure) -> list[tuple[str, dict]]:
     return out
 
 
-def _axis(lo: int, hi: int, step: int, grid) -> list[int]:
-    """Widths measured along one axis: lo and hi (dense) and the grid's points between them,
-    multiples of ``step`` (a grouped unit's widths).  Interior points sit on multiples of 8
-    (of lcm(8, step)) whenever one fits: vector units run fastest there, and a point at an odd
+def _axis(lo: int, hi: int, step: int, grid, unaligned: bool = False) -> tuple[list[int], int]:
+    """(widths measured along one axis, q): lo and hi (dense) and the grid's points between
+    them, multiples of ``step`` (a grouped unit's widths).  Interior points sit on multiples of
+    q = lcm(8, step) whenever one fits: vector units run fastest there, and a point at an odd
     width is slower than its aligned neighbours (measured: a 16-channel CIFAR conv at 11 input
     channels slower than at 16), which would bend the interpolation for every aligned width
     around it (selections with ``round_to=8`` have only such widths).  A narrow axis then gets
-    fewer points than ``grid`` asks for (every multiple of 8 it has)."""
+    fewer points than ``grid`` asks for (every multiple of 8 it has).  With ``unaligned`` (a
+    table for selections whose widths need not be multiples of 8) every interior point p also
+    gets its neighbour p + step (and an aligned dense width hi gets hi − step), and q is
+    returned: the axis then holds two families (:class:`Grid`'s ``align``); otherwise q is 0."""
     if hi <= lo:
-        return [hi]
+        return [hi], 0
     if isinstance(grid, int):
         fr = [k / (grid - 1) for k in range(1, grid - 1)]
         pts = [lo + f * (hi - lo) for f in fr]
@@ -433,16 +475,26 @@ def _axis(lo: int, hi: int, step: int, grid) -> list[int]:
     q = math.lcm(step, 8)
     if not any(lo < k * q < hi for k in range(1, hi // q + 1)):
         q = step
-    inner = {int(round(p / q)) * q for p in pts}
-    return sorted({lo, hi} | {p for p in inner if lo < p < hi})
+    inner = {p for p in {int(round(p / q)) * q for p in pts} if lo < p < hi}
+    if not unaligned or q % 8 or step % 8 == 0 or not inner:
+        return sorted({lo, hi} | inner), 0
+    # the neighbours, and the one below an aligned dense width (else the unaligned widths
+    # above the last neighbour would be read toward dense's aligned speed)
+    near = {p + step for p in inner if p + step < hi} | ({hi - step} if hi % q == 0 else set())
+    return sorted({lo, hi} | inner | {p for p in near if p > lo}), q
 
 
-def _op_axes(op: dict, grid) -> tuple[list[int], list[int]]:
+def _op_axes(op: dict, grid, unaligned: bool = False
+             ) -> tuple[list[int], list[int], tuple[int, int]]:
+    """(input widths, output widths, Grid.align) measured for one layer shape."""
     if op["kind"] == "bn":
-        return [op["out"]], _axis(op["out_lo"], op["out"], op["out_lo"], grid)
-    ins = _axis(op["in_lo"], op["in"], op["in_step"], grid) if op["in_var"] else [op["in"]]
-    outs = _axis(op["out_lo"], op["out"], op["out_lo"], grid) if op["out_var"] else [op["out"]]
-    return ins, outs
+        outs, q = _axis(op["out_lo"], op["out"], op["out_lo"], grid, unaligned)
+        return [op["out"]], outs, (0, q)
+    ins, qi = (_axis(op["in_lo"], op["in"], op["in_step"], grid, unaligned) if op["in_var"]
+               else ([op["in"]], 0))
+    outs, qo = (_axis(op["out_lo"], op["out"], op["out_lo"], grid, unaligned) if op["out_var"]
+                else ([op["out"]], 0))
+    return ins, outs, (qi, qo)
 
 
 def _runner(op: dict, i: int, o: int, batch: int, device, dtype, channels_last: bool
@@ -539,11 +591,9 @@ def _fraction_alive(units, frac: float, round_to: int = 1) -> dict[str, torch.Te
     selection at ``round_to`` makes it: for ``round_to`` not a multiple of 8, a width that
     lands on a multiple of 8 below the dense one gets one step (lcm(groups, round_to)) more.
 
-    Why: on the 2-core CPU the network whose every width is a multiple of 8 ran 31–39% faster
-    than the one with one channel more per 16, a whole-network fast path that no layer timed
-    alone shows (BENCHMARKS.md, "A curve through measured networks"); the half-width anchor
-    (8 / 16 / 32 on CIFAR ResNet20) then sat below every network a round_to=1 selection makes.
-    (On a GPU, tensor cores want multiples of 8 per layer: the same reasoning.)"""
+    Why: a layer can run several times faster at a multiple of 8 than one channel more (see
+    :class:`Grid`), so the half-width network (8 / 16 / 32 on CIFAR ResNet20) is a fast case
+    that a round_to=1 selection almost never makes; a curve through it sits below them."""
     out = {}
     for u in units:
         g = u.groups
@@ -686,11 +736,11 @@ def _measure_grids(shapes, axes, timer, progress, batch, device, dtype, channels
     if progress and timer is None and sys.stderr.isatty():
         from tqdm import tqdm
 
-        bar = tqdm(total=sum(len(a) * len(b) for a, b in axes), desc="latency table",
+        bar = tqdm(total=sum(len(a) * len(b) for a, b, _ in axes), desc="latency table",
                    leave=False)
     grids = []
     try:
-        for op, (ins, outs) in zip(shapes, axes):
+        for op, (ins, outs, align) in zip(shapes, axes):
             ms = []
             for i in ins:
                 row = []
@@ -704,7 +754,7 @@ def _measure_grids(shapes, axes, timer, progress, batch, device, dtype, channels
                     if bar is not None:
                         bar.update(1)
                 ms.append(row)
-            grids.append(Grid(op, ins, outs, ms))
+            grids.append(Grid(op, ins, outs, ms, align))
     finally:
         if bar is not None:
             bar.close()
@@ -798,8 +848,9 @@ def latency_table(model: nn.Module, input_size: Sequence[int] | None = None, bat
     ops = _ops(gm, structure)
 
     shapes, layers = _shapes(ops)
-    axes = [_op_axes(op, grid) for op in shapes]
-    n_points = sum(len(a) * len(b) for a, b in axes)
+    # round_to not a multiple of 8: widths off the multiples of 8, timed as a family of their own
+    axes = [_op_axes(op, grid, unaligned=round_to % 8 != 0) for op in shapes]
+    n_points = sum(len(a) * len(b) for a, b, _ in axes)
     t0 = time.time()
     grids = _measure_grids(shapes, axes, timer, progress, batch, device, dtype, channels_last,
                            warmup, repeats, clock)

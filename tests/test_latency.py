@@ -62,6 +62,61 @@ def test_interpolation_is_bilinear_and_exact_on_the_grid():
     assert one(99, 13) == pytest.approx(3.0)
 
 
+def cliff_timer(op, i, o):
+    """macs_timer with the cliff measured on the 2-core CPU (BENCHMARKS.md, "Two families of
+    widths"): a 16 × 16 conv runs 3.3× slower at 17 → 17 channels than at 16 → 16, and about
+    1.8× slower when one side is off a multiple of 8."""
+    slow = (1.8 if i % 8 else 1.0) * (1.8 if o % 8 else 1.0)
+    return macs_timer(op, i, o) * (slow if op["kind"] == "conv" else 1.0)
+
+
+def test_a_grid_with_two_families_interpolates_within_the_family_of_each_width():
+    # a 32-wide axis: the aligned points 1, 8, 16, 24, 32 and their unaligned neighbours
+    axis = [1, 8, 9, 16, 17, 24, 25, 32]
+    f = {x: (2.0 if x % 8 else 1.0) * x for x in axis}
+    g = Grid({}, axis, [4], [[f[x]] for x in axis], align=(8, 0))
+    assert g(16, 4) == 16.0 and g(17, 4) == 34.0
+    assert g(20, 4) == pytest.approx(40.0)  # between 17 and 25, not between 16 and 24
+    assert g(31, 4) == pytest.approx(50 + (31 - 25) / 7 * (32 - 50))  # 32 ends both families
+    assert g(1, 4) == 2.0 and g(32, 4) == 32.0  # the ends belong to both
+    plain = Grid({}, axis, [4], [[f[x]] for x in axis])  # no families: one interpolation
+    assert plain(20, 4) == pytest.approx(34 + 3 / 7 * (24 - 34))
+    back = Grid(**{k: v for k, v in g.to_json().items()})
+    assert back.align == (8, 0) and back(20, 4) == g(20, 4)
+
+
+def test_a_table_for_round_to_1_measures_each_aligned_width_and_the_next():
+    model = pf.paamify(pf.models.get_model("resnet20"))
+    ctrl = controller(model)
+    t1 = latency_table(model, batch=8, grid=5, timer=cliff_timer, round_to=1)
+    t8 = latency_table(model, batch=8, grid=5, timer=cliff_timer, round_to=8)
+    stage2 = [g for g in t8.grids if g.op["kind"] == "conv" and g.op["out"] == 32
+              and g.op["out_var"]][0]
+    assert stage2.outs == [1, 8, 16, 24, 32] and stage2.align == (0, 0)
+    stage2 = [g for g in t1.grids if g.op == stage2.op][0]
+    assert stage2.outs == [1, 8, 9, 16, 17, 24, 25, 31, 32] and stage2.align[1] == 8
+    def truth(w):  # what the timer says the layers take at widths w
+        total = 0.0
+        for b in t1.bind(ctrl.structure):
+            c = b.cost
+            o = w.get(c.out_space, c.out_dense) if c.out_space is not None else c.out_dense
+            total += cliff_timer(b.grid.op, o if b.depthwise else c._in(w), o)
+        return total
+
+    rnd = random.Random(0)
+    for _ in range(10):  # a round_to=1 network: the table reads its cliffs, the other does not
+        w = ctrl.structure.widths()
+        for u in ctrl.units:
+            w[u.id] = rnd.randrange(1, u.width // 8) * 8 + rnd.randrange(1, 8)
+        p1, p8 = t1.predict(ctrl.structure, w), t8.predict(ctrl.structure, w)
+        # within a family the timer is bilinear: read exactly; across the cliff 1.8² too low
+        assert p1 == pytest.approx(truth(w)) and p8 < 0.6 * truth(w)
+    w = ctrl.structure.widths()  # aligned widths: both tables read the same points
+    for u in ctrl.units:
+        w[u.id] = u.width // 2
+    assert t1.predict(ctrl.structure, w) == pytest.approx(t8.predict(ctrl.structure, w))
+
+
 def test_the_table_times_each_shape_once_with_its_bn_and_activation():
     model, table = _resnet20()
     ctrl = controller(model)
