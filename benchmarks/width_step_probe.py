@@ -30,7 +30,7 @@ def main() -> None:
     x = _input(256, (1, 3, 32, 32), "cpu", torch.float32, False)
     nets = {}
     for k in (8, 9, 10, 11, 12, 16):
-        apply_masks(model, _fraction_alive(units, k / 16, round_to=8))  # exactly k/16
+        apply_masks(model, _fraction_alive(units, k / 16))
         nets[f"net {k}/16"] = _forward(_prepare(export(model), "cpu", torch.float32, False), x)
     for k, v in compare_ms(nets, device="cpu", warmup=2, rounds=7).items():
         print(k, round(v["median_ms"], 1))

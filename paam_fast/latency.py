@@ -46,10 +46,11 @@ ReLU takes 3.7 ms at 16 → 16 channels, 12.3 ms at 17 → 17 and 13.1 at 24 →
 inside the network the same), a cliff that a grid of aligned points interpolates straight
 across.  So a table for selections at a ``round_to`` that is not a multiple of 8 also times
 each aligned grid point's next width, and reads an unaligned width among unaligned points
-only (:class:`Grid`'s ``align``; about 4× the points of an aligned table), and the networks its
-curve is fitted to have the widths such a selection makes (half of grouped ResNet20 at 9 / 17 /
-33, not 8 / 16 / 32); a selection at a ``round_to`` of the other kind is warned
-(``LatencyTable.mismatch``).
+only (:class:`Grid`'s ``align``; about 4× the points of an aligned table); a selection at such
+a ``round_to`` with a table built without them is warned (``LatencyTable.mismatch``).  The
+curve's networks stay at the plain fractions (half of grouped ResNet20 at 8 / 16 / 32): moved
+off the multiples of 8 (9 / 17 / 33) they predicted the chosen networks worse (BENCHMARKS.md,
+"Two families of widths").
 ``LatencyTable.check`` holds how far the prediction was from measured networks at other widths
 (an eighth to three quarters of every unit's width), taken when the table was built.
 
@@ -278,14 +279,14 @@ class LatencyTable:
         return lo + t * (hi - lo)
 
     def mismatch(self, round_to: int) -> str | None:
-        """Why this table's measured networks do not look like a selection at ``round_to``
-        (one side's widths multiples of 8, the other's not), or None."""
+        """Why this table does not serve a selection at ``round_to`` well, or None: built for
+        widths on multiples of 8 only, it reads the slower widths in between as if aligned."""
         mine = self.meta.get("round_to")
-        if not self.anchors or mine is None or (mine % 8 == 0) == (round_to % 8 == 0):
+        if mine is None or mine % 8 or not round_to % 8:
             return None
-        return (f"the latency table's curve was measured for round_to={mine} and this selection "
-                f"has round_to={round_to}: on devices with a fast path for widths that are "
-                "multiples of 8 its prediction is biased (build the table with "
+        return (f"the latency table was built for round_to={mine} (widths on multiples of 8) and "
+                f"this selection has round_to={round_to}: widths off the multiples of 8 are read "
+                "as fast as the aligned ones around them (build the table with "
                 f"round_to={round_to})")
 
     def refit(self, fit: str) -> LatencyTable:
@@ -586,24 +587,13 @@ def measure_like(table: LatencyTable, models: dict[str, nn.Module], device=None,
                       clock=m.get("clock", "wall"))
 
 
-def _fraction_alive(units, frac: float, round_to: int = 1) -> dict[str, torch.Tensor]:
-    """Every unit at ``frac`` of its width (rounded up, the same number in every group), as a
-    selection at ``round_to`` makes it: for ``round_to`` not a multiple of 8, a width that
-    lands on a multiple of 8 below the dense one gets one step (lcm(groups, round_to)) more.
-
-    Why: a layer can run several times faster at a multiple of 8 than one channel more (see
-    :class:`Grid`), so the half-width network (8 / 16 / 32 on CIFAR ResNet20) is a fast case
-    that a round_to=1 selection almost never makes; a curve through it sits below them."""
+def _fraction_alive(units, frac: float) -> dict[str, torch.Tensor]:
+    """Every unit at ``frac`` of its width (rounded up, the same number in every group)."""
     out = {}
     for u in units:
         g = u.groups
-        per_group = u.width // g
-        k = max(1, math.ceil(per_group * frac))
-        step = math.lcm(g, round_to)
-        if round_to % 8 and step % 8 and (g * k) % 8 == 0 and g * k + step < u.width:
-            k += step // g
-        m = torch.zeros(g, per_group, dtype=torch.bool)
-        m[:, :k] = True
+        m = torch.zeros(g, u.width // g, dtype=torch.bool)
+        m[:, : max(1, math.ceil(u.width // g * frac))] = True
         out[u.name] = m.flatten()
     return out
 
@@ -762,10 +752,9 @@ def _measure_grids(shapes, axes, timer, progress, batch, device, dtype, channels
 
 
 def _measure_networks(table, work, structure, dense, check, batch, input_size, device, dtype,
-                      channels_last, warmup, repeats, clock, round_to) -> None:
+                      channels_last, warmup, repeats, clock) -> None:
     """The whole dense network (and, with ``check``, the ones at CHECKED's fractions of every
-    unit's width, as a selection at ``round_to`` makes them) measured interleaved, into
-    ``table.dense_ms`` and ``table.check``."""
+    unit's width) measured interleaved, into ``table.dense_ms`` and ``table.check``."""
     from .export import export
     from .paamify import apply_masks, controller
 
@@ -775,7 +764,7 @@ def _measure_networks(table, work, structure, dense, check, batch, input_size, d
     widths = {}
     if check:
         for name, frac in CHECKED:
-            apply_masks(work, _fraction_alive(structure.units, frac, round_to))
+            apply_masks(work, _fraction_alive(structure.units, frac))
             fns[name] = _forward(_prepare(export(work), device, dtype, channels_last), x)
             w = controller(work).widths()
             sums[name] = table.predict(structure, w)
@@ -818,10 +807,9 @@ def latency_table(model: nn.Module, input_size: Sequence[int] | None = None, bat
             quarter-, half- and three-quarter-width networks; needs ``check``); see the
             module's docstring.
             Default (None): "curve" with ``check``, "rest" without.
-        round_to: the ``round_to`` of the selections the table will serve: the networks
-            ``check`` measures have the widths such a selection makes (for a ``round_to`` that
-            is not a multiple of 8, none of them a multiple of 8 where that can be helped; see
-            ``_fraction_alive``).
+        round_to: the ``round_to`` of the selections the table will serve; one that is not a
+            multiple of 8 (the default 1) also times the widths just past each aligned grid
+            point (see :class:`Grid`'s ``align``).
         clock: "wall" (default) or "cpu": the process's CPU time, for one CPU thread on a
             machine shared with other work (time spent descheduled is not counted).
         timer: ``(op, in_width, out_width) -> ms`` used instead of measuring (tests); then
@@ -873,7 +861,7 @@ def latency_table(model: nn.Module, input_size: Sequence[int] | None = None, bat
         table.dense_ms = dense_sum
         return table
     _measure_networks(table, work, structure, dense, check, batch, input_size, device, dtype,
-                      channels_last, warmup, repeats, clock, round_to)
+                      channels_last, warmup, repeats, clock)
     _apply_fit(table, fit or ("curve" if check else "rest"))
     table.meta["measure_s"] = round(time.time() - t0, 1)
     if "warning" in table.meta:

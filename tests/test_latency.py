@@ -323,43 +323,19 @@ def test_the_curve_fit_goes_through_the_measured_networks_and_inverts():
     assert "eighth" in table.refit("curve").meta["fit_refused"]
 
 
-def test_the_measured_networks_have_the_widths_a_selection_at_the_tables_round_to_makes():
-    """On the 2-core CPU a network whose every width is a multiple of 8 ran ~30% faster than one
-    channel more (BENCHMARKS.md, "A curve through measured networks"): a curve through such
-    networks under-predicts the unaligned ones a round_to=1 selection makes, so for round_to
-    not a multiple of 8 every fraction that lands on a multiple of 8 gets one step more."""
-    from types import SimpleNamespace
-
-    from paam_fast.latency import _fraction_alive
-
-    units = controller(pf.paamify(pf.models.get_model("resnet20"), coupling="grouped")).units
-
-    def widths(frac, round_to=1):
-        return sorted({int(m.sum()) for m in _fraction_alive(units, frac, round_to).values()})
-
-    assert widths(0.5, round_to=8) == [8, 16, 32]  # as a round_to=8 selection makes them
-    assert widths(0.5) == [9, 17, 33]
-    assert widths(0.25) == [4, 9, 17] and widths(0.125) == [2, 4, 9]
-    assert widths(0.5, round_to=2) == [10, 18, 34]
-    assert widths(1.0) == [16, 32, 64]  # dense stays dense
-    grouped = [SimpleNamespace(name="g4", width=32, groups=4),  # 4 per group: 16 -> 5 per group
-               SimpleNamespace(name="g8", width=32, groups=8)]  # every step a multiple of 8
-    got = _fraction_alive(grouped, 0.5)
-    assert int(got["g4"].sum()) == 20 and got["g4"].view(4, 8)[:, :5].all()
-    assert int(got["g8"].sum()) == 16
-    model, table = _resnet20(round_to=8)
-    assert table.meta["round_to"] == 8 and _resnet20()[1].meta["round_to"] == 1
+def test_a_table_without_the_unaligned_widths_warns_a_selection_that_makes_them():
+    model, t8 = _resnet20(round_to=8)
+    assert t8.meta["round_to"] == 8 and _resnet20()[1].meta["round_to"] == 1
     with pytest.raises(ValueError, match="round_to"):
         latency_table(model, batch=8, grid=4, timer=macs_timer, round_to=0)
     ctrl = controller(model)
     alive = [torch.ones(u.width, dtype=torch.bool) for u in ctrl.units]
-    _convex(table)  # a curve measured for round_to=8 serves a round_to=2 selection badly
-    with pytest.warns(UserWarning, match="round_to=8 and this selection has round_to=2"):
+    with pytest.warns(UserWarning, match="built for round_to=8 .* this selection has round_to=2"):
         choose(ctrl.units, _gates(ctrl), alive, ctrl.structure, ctrl.widths(), keep=0.5,
-               cost="latency", latency=table, round_to=2)
-    assert table.mismatch(16) is None
-    table.anchors = None  # a straight line: no measured network to be biased by
-    assert table.mismatch(1) is None
+               cost="latency", latency=t8, round_to=2)
+    assert t8.mismatch(16) is None and _resnet20(round_to=3)[1].mismatch(8) is None
+    del t8.meta["round_to"]  # a table from before the option: nothing known, nothing said
+    assert t8.mismatch(1) is None
 
 
 def test_save_load_round_trip_and_a_foreign_table_is_refused(tmp_path):
