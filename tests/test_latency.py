@@ -464,10 +464,13 @@ def test_the_latency_benchmark_runs_side_by_side(tmp_path, monkeypatch):
     torch.set_num_threads(1)
     res = bench.main(["--arch", "resnet20", "--size", "32", "--num-classes", "10", "--batch",
                       "8", "--keeps", "0.8", "--grid", "3", "--repeats", "2", "--rounds", "3",
-                      "--match-iters", "0"])
+                      "--match-iters", "0", "--refit-in-window"])
     # the default fit, or what it falls back to when a loaded machine's timings do not rise
     assert res["table"]["fit"] in ("curve", "scale", "rest") and "eighth" in res["table"]["check"]
     assert res["rows"]["dense"]["measured_ms"] > 0
+    if res["window"] is not None:  # refitted to the anchors measured beside the rows
+        assert res["rows"]["dense"]["predicted_ms_window"] > 0
+        assert set(res["window"]["check"]) >= {"half", "eighth"}
     # a table measured on a loaded machine may put 0.8 out of reach: then it says so
     if "0.8" in res["skipped"]:
         assert "keep=0.8" in res["skipped"]["0.8"] and "paam@0.8" not in res["rows"]
@@ -485,6 +488,33 @@ def test_the_latency_benchmark_runs_side_by_side(tmp_path, monkeypatch):
     assert table.predict(ctrl.structure, w) == pytest.approx(paam["predicted_ms"])
     assert os.path.exists(tmp_path / "latency_resnet20_b8_internal_wall_"
                           f"{res['table']['fit']}.json")
+
+
+def test_the_benchmark_refits_the_curve_in_the_window_of_the_chosen_networks():
+    """A machine that runs everything 20% slower after the table was built: the refit in the
+    window of the final measurement takes that out, and a prediction that was right is right."""
+    from paam_fast.bench.latency import CURVE_NETS, _in_window
+
+    model, table = _resnet20()
+    _convex(table)
+    s = table.meta["layers_dense_ms"]
+    table.meta["fit"] = "curve"
+    table.check = {n: {"layers_ms": x * s, "measured_ms": table.ms_of(x * s)}
+                   for n, x in (("eighth", 0.125), ("quarter", 0.25), ("half", 0.5),
+                                ("three_quarter", 0.75), ("three_eighths", 0.375),
+                                ("five_eighths", 0.625))}
+    rows = {"dense": {"predicted_ms": table.dense_ms},
+            "paam@0.5": {"predicted_ms": table.ms_of(0.4 * s)}}
+    got = {"dense": {"median_ms": 1.2 * table.dense_ms},
+           "paam@0.5": {"median_ms": 1.2 * table.ms_of(0.4 * s)}}
+    got.update({f"@{n}": {"median_ms": 1.2 * table.check[n]["measured_ms"]} for n in CURVE_NETS})
+    win = _in_window(table, got, rows)
+    assert win.meta["fit"] == "curve"
+    for row in rows.values():
+        assert row["predicted_ms_window"] == pytest.approx(1.2 * row["predicted_ms"])
+        assert row["error_window"] == pytest.approx(0, abs=1e-9)
+    assert win.check["three_eighths"]["error"] == pytest.approx(0, abs=1e-9)
+    assert "@half" not in rows  # the anchors are measured beside the rows, not reported as rows
 
 
 def test_pruner_target_measures_the_kept_fraction_in_latency():

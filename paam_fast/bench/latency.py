@@ -10,6 +10,11 @@ selection at ``keep`` × the table's dense latency (from random gates: this meas
 prediction, not accuracy); and the uniform baseline (every unit thinned alike) matched to the
 PAAM network's *measured* latency (started at the same predicted budget, then corrected by the
 measured ratio).  Printed: predicted and measured ms, the prediction's error, the ratio to dense.
+With ``--refit-in-window`` the networks the table's fit was made from (every unit at an eighth
+... three quarters of its width) are measured again beside them, the fit is redone on those
+measurements, and each row also gets that in-window prediction: its error is the table's and
+the fit's alone, free of the machine's speed drifting between the table and the final
+measurement (on the 2-core CPU the dense network moved −25% to +14% within minutes).
 Writes one JSON.
 """
 
@@ -24,7 +29,7 @@ import time
 import torch
 
 import paam_fast as pf
-from paam_fast.latency import LatencyTable, latency_table, measure_like
+from paam_fast.latency import CHECKED, LatencyTable, _fraction_alive, latency_table, measure_like
 from paam_fast.paamify import controller
 from paam_fast.selection import choose, uniform_alive
 
@@ -50,6 +55,30 @@ def _uniform(ctrl, table, keep: float, round_to: int) -> dict | None:
                              latency=table)
     except ValueError:  # even one filter per unit is over this budget
         return None
+
+
+CURVE_NETS = tuple(name for name, _ in CHECKED)  # the table's measured networks, fitted or not
+
+
+def _anchor_models(model, ctrl) -> dict:
+    """CHECKED's networks (every unit at that fraction of its width), named "@<fraction>"."""
+    return {f"@{name}": _plain(model, _fraction_alive(ctrl.units, frac))
+            for name, frac in CHECKED}
+
+
+def _in_window(table: LatencyTable, got: dict, rows: dict) -> LatencyTable:
+    """The table's fit redone on the dense and CHECKED networks as measured in ``got`` (beside
+    the rows); every row gains ``predicted_ms_window`` (its layers' sum through that fit) and
+    ``error_window``.  Returns the refitted table."""
+    win = LatencyTable.from_json(table.to_json())
+    win.dense_ms = got["dense"]["median_ms"]
+    for name in CURVE_NETS:
+        win.check[name]["measured_ms"] = got[f"@{name}"]["median_ms"]
+    win = win.refit(table.meta.get("fit", "rest"))
+    for name, row in rows.items():
+        row["predicted_ms_window"] = win.ms_of(table.layers_for(row["predicted_ms"]))
+        row["error_window"] = got[name]["median_ms"] / row["predicted_ms_window"] - 1
+    return win
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -80,6 +109,9 @@ def _parser() -> argparse.ArgumentParser:
                     "fitted to the dense and half-width networks; curve: piecewise linear "
                     "through the dense, 3/4-, 1/2-, 1/4- and 1/8-width networks "
                     "(paam_fast.latency)")
+    ap.add_argument("--refit-in-window", action="store_true",
+                    help="measure the table's fitted networks again beside the chosen ones and "
+                    "also predict from a fit to those (the error without the machine's drift)")
     ap.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                     help="cpu: the process's CPU time (one CPU thread on a shared machine)")
     return ap
@@ -213,18 +245,34 @@ def main(argv=None) -> dict:
     ctrl = controller(model)
     table, table_s = _table(a, model, size, dev)
     rows, models, skipped = _networks(a, model, ctrl, table, dev)
-    got = measure_like(table, models, dev, rounds=a.rounds)
+    in_window = a.refit_in_window and all(n in (table.check or {}) for n in CURVE_NETS)
+    if a.refit_in_window and not in_window:
+        print("--refit-in-window: the table has no measured networks to refit to (skipped)")
+    got = measure_like(table, {**models, **(_anchor_models(model, ctrl) if in_window else {})},
+                       dev, rounds=a.rounds)
     clock = table.meta.get("clock", "wall")
     alt = _read(rows, got, table, models, size)
     fit = table.meta.get("fit", "rest")
     _print_rows(rows, alt.meta["fit"] if alt is not None else None)
+    window = None
+    if in_window:
+        win = _in_window(table, got, rows)
+        print(f"refitted in the final window (fit {win.meta['fit']}, dense "
+              f"{win.dense_ms:.2f} ms):", "  ".join(
+                  f"{n} {r['predicted_ms_window']:.2f} ms {r['error_window']:+.1%}"
+                  for n, r in rows.items()))
+        print("  its held-out networks:", "  ".join(
+            f"{n} {c['error']:+.1%}" for n, c in win.check.items()
+            if isinstance(c, dict) and not c["fitted"]))
+        window = {"fit": win.meta["fit"], "dense_ms": win.dense_ms, "anchors": win.anchors,
+                  "check": {n: c for n, c in win.check.items() if isinstance(c, dict)}}
     res = {"arch": a.arch, "size": a.size, "batch": a.batch, "device_kind": dev,
            "threads": torch.get_num_threads(), "round_to": a.round_to,
            # the whole table, and each network's widths (rows): its predictions can be
            # recomputed from this file under another fit or model of the same measurements
            "loadavg": os.getloadavg(), "table": table.to_json(),
            "table_s": table_s, "coupling": a.coupling, "clock": clock, "skipped": skipped,
-           "rows": rows}
+           "rows": rows, "window": window}
     print("wrote", write_json(f"latency_{a.arch}_b{a.batch}_{a.coupling}_{clock}_{fit}", res))
     return res
 
