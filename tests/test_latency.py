@@ -301,13 +301,14 @@ def test_the_curve_fit_goes_through_the_measured_networks_and_inverts():
 
     table.dense_ms = net(1.0)
     table.check = {n: {"layers_ms": x * s, "measured_ms": net(x)} for n, x in
-                   (("eighth", 0.125), ("quarter", 0.25), ("three_eighths", 0.375),
-                    ("half", 0.5), ("five_eighths", 0.625), ("three_quarter", 0.75))}
+                   (("eighth", 0.125), ("quarter", 0.25), ("five_sixteenths", 0.3125),
+                    ("three_eighths", 0.375), ("half", 0.5), ("five_eighths", 0.625),
+                    ("three_quarter", 0.75))}
     curve = table.refit("curve")
-    assert curve.meta["fit"] == "curve" and len(curve.anchors) == 5
-    for n in ("eighth", "quarter", "half", "three_quarter"):
+    assert curve.meta["fit"] == "curve" and len(curve.anchors) == 6
+    for n in ("eighth", "quarter", "three_eighths", "half", "three_quarter"):
         assert curve.check[n]["fitted"] and curve.check[n]["error"] == pytest.approx(0)
-    for n in ("three_eighths", "five_eighths"):  # the left-out networks
+    for n in ("five_sixteenths", "five_eighths"):  # the left-out networks
         assert not curve.check[n]["fitted"] and abs(curve.check[n]["error"]) < 0.05
     # the line through dense and half width alone over-predicts the eighth by far
     assert table.refit("scale").check["eighth"]["error"] < -0.3
@@ -502,7 +503,7 @@ def test_the_benchmark_refits_the_curve_in_the_window_of_the_chosen_networks():
     table.check = {n: {"layers_ms": x * s, "measured_ms": table.ms_of(x * s)}
                    for n, x in (("eighth", 0.125), ("quarter", 0.25), ("half", 0.5),
                                 ("three_quarter", 0.75), ("three_eighths", 0.375),
-                                ("five_eighths", 0.625))}
+                                ("five_sixteenths", 0.3125), ("five_eighths", 0.625))}
     rows = {"dense": {"predicted_ms": table.dense_ms},
             "paam@0.5": {"predicted_ms": table.ms_of(0.4 * s)}}
     got = {"dense": {"median_ms": 1.2 * table.dense_ms},
@@ -513,7 +514,7 @@ def test_the_benchmark_refits_the_curve_in_the_window_of_the_chosen_networks():
     for row in rows.values():
         assert row["predicted_ms_window"] == pytest.approx(1.2 * row["predicted_ms"])
         assert row["error_window"] == pytest.approx(0, abs=1e-9)
-    assert win.check["three_eighths"]["error"] == pytest.approx(0, abs=1e-9)
+    assert win.check["five_eighths"]["error"] == pytest.approx(0, abs=1e-9)
     assert "@half" not in rows  # the anchors are measured beside the rows, not reported as rows
 
 

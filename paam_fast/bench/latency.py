@@ -107,7 +107,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--fit", default="curve", choices=["rest", "scale", "curve"],
                     help="rest: fixed = dense minus the layers' sum; scale: fixed and a scale "
                     "fitted to the dense and half-width networks; curve: piecewise linear "
-                    "through the dense, 3/4-, 1/2-, 1/4- and 1/8-width networks "
+                    "through the dense, 3/4-, 1/2-, 3/8-, 1/4- and 1/8-width networks "
                     "(paam_fast.latency)")
     ap.add_argument("--refit-in-window", action="store_true",
                     help="measure the table's fitted networks again beside the chosen ones and "
