@@ -43,12 +43,13 @@ additive over the layers.  It is the default since 2026-12-07 (BENCHMARKS.md, "A
 through measured networks"): on grouped ResNet20 at batch 256 the held-out networks told the
 "scale" line's bias between half width and dense (the three-quarter network over-predicted by
 7–31% in three idle runs) and below half width (up to 26% at 0.3 of latency).
-Widths off the multiples of 8 can be much slower: on the 2-core CPU a 16 × 16 conv + BN +
-ReLU takes 3.7 ms at 16 → 16 channels, 12.3 ms at 17 → 17 and 13.1 at 24 → 24 (timed alone;
-inside the network the same), a cliff that a grid of aligned points interpolates straight
-across.  So a table for selections at a ``round_to`` that is not a multiple of 8 also times
-each aligned grid point's next width, and reads an unaligned width among unaligned points
-only (:class:`Grid`'s ``align``; about 4× the points of an aligned table); a selection at such
+A layer's time can jump just past a multiple of 8: on the 2-core CPU a 16 × 16 conv + BN +
+ReLU takes 3.7 ms at 16 → 16 channels and 12.3 ms at 17 → 17 (13.1 at 24 → 24: a fast kernel
+up to 16 channels there; timed alone, and inside the network the same), a cliff that a grid of
+aligned points interpolates straight across.  So a table for selections at a ``round_to`` that
+is not a multiple of 8 also times each aligned grid point's next width, and reads an unaligned
+width among unaligned points only (:class:`Grid`'s ``align``; up to 4× the points of an
+aligned table, twice the time for grouped CIFAR ResNet20); a selection at such
 a ``round_to`` with a table built without them is warned (``LatencyTable.mismatch``).  The
 curve's networks stay at the plain fractions (half of grouped ResNet20 at 8 / 16 / 32): moved
 off the multiples of 8 (9 / 17 / 33) they predicted the chosen networks worse (BENCHMARKS.md,
@@ -772,7 +773,7 @@ def _measure_networks(table, work, structure, dense, check, batch, input_size, d
             fns[name] = _forward(_prepare(export(work), device, dtype, channels_last), x)
             w = controller(work).widths()
             sums[name] = table.predict(structure, w)
-            widths[name] = sorted(set(w.values()))
+            widths[name] = sorted({w[u.id] for u in structure.units})
     got = compare_ms(fns, device=device, warmup=warmup, rounds=max(2 * repeats + 1, 7),
                      clock=clock)
     table.dense_ms = got["dense"]["median_ms"]
