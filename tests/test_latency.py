@@ -465,7 +465,8 @@ def test_the_latency_benchmark_runs_side_by_side(tmp_path, monkeypatch):
     torch.set_num_threads(1)
     res = bench.main(["--arch", "resnet20", "--size", "32", "--num-classes", "10", "--batch",
                       "8", "--keeps", "0.8", "--grid", "3", "--repeats", "2", "--rounds", "3",
-                      "--match-iters", "0", "--refit-in-window"])
+                      "--match-iters", "0", "--refit-in-window", "--verify-iters", "1",
+                      "--verify-rounds", "1"])
     # the default fit, or what it falls back to when a loaded machine's timings do not rise
     assert res["table"]["fit"] in ("curve", "scale", "rest") and "eighth" in res["table"]["check"]
     assert res["rows"]["dense"]["measured_ms"] > 0
@@ -478,7 +479,12 @@ def test_the_latency_benchmark_runs_side_by_side(tmp_path, monkeypatch):
         return
     assert {"paam@0.8", "uniform@0.8"} <= set(res["rows"])
     paam = res["rows"]["paam@0.8"]
+    tries = paam["measured_budget"]  # measured against dense, and selected again if over
+    assert 1 <= len(tries) <= 2 and sum(h.get("chosen", False) for h in tries) == 1
+    assert tries[0]["budget"] == 0.8
     assert paam["predicted_ms"] <= 0.8 * res["rows"]["dense"]["predicted_ms"] * (1 + 1e-9)
+    with pytest.raises(SystemExit):
+        bench.main(["--verify-iters", "-1"])
     assert paam["measured_ms"] > 0 and paam["params"] < res["rows"]["dense"]["params"]
     # the file holds the whole table and each network's widths: its prediction comes back
     ctrl = controller(pf.paamify(pf.models.get_model("resnet20"), input_size=(1, 3, 32, 32)))

@@ -10,6 +10,9 @@ selection at ``keep`` × the table's dense latency (from random gates: this meas
 prediction, not accuracy); and the uniform baseline (every unit thinned alike) matched to the
 PAAM network's *measured* latency (started at the same predicted budget, then corrected by the
 measured ratio).  Printed: predicted and measured ms, the prediction's error, the ratio to dense.
+With ``--verify-iters N`` PAAM's budget is met as measured (:mod:`paam_fast.measured_budget`):
+its network is measured against dense and, while over ``keep``, selected again at a budget
+scaled by ``keep`` / its measured ratio (each try in the row's ``measured_budget``).
 With ``--refit-in-window`` the networks the table's fit was made from (every unit at an eighth
 ... three quarters of its width) are measured again beside them, the fit is redone on those
 measurements, and each row also gets that in-window prediction: its error is the table's and
@@ -30,6 +33,7 @@ import torch
 
 import paam_fast as pf
 from paam_fast.latency import CHECKED, LatencyTable, _fraction_alive, latency_table, measure_like
+from paam_fast.measured_budget import select_measured
 from paam_fast.paamify import controller
 from paam_fast.selection import choose, uniform_alive
 
@@ -109,6 +113,12 @@ def _parser() -> argparse.ArgumentParser:
                     "fitted to the dense and half-width networks; curve: piecewise linear "
                     "through the dense, 3/4-, 1/2-, 3/8-, 1/4- and 1/8-width networks "
                     "(paam_fast.latency)")
+    ap.add_argument("--verify-iters", type=int, default=0,
+                    help="PAAM's budget met as measured: while its network measures over keep "
+                    "of dense, select again at keep / measured ratio times the budget, at most "
+                    "this many times (paam_fast.measured_budget; 0: the table's choice)")
+    ap.add_argument("--verify-rounds", type=int, default=5,
+                    help="interleaved rounds of each of those measurements")
     ap.add_argument("--refit-in-window", action="store_true",
                     help="measure the table's fitted networks again beside the chosen ones and "
                     "also predict from a fit to those (the error without the machine's drift)")
@@ -176,9 +186,18 @@ def _networks(a, model, ctrl, table, dev):
     models = {"dense": dense}
     skipped = {}
     for keep in a.keeps:
+        def select(budget):
+            return choose(ctrl.units, gates, alive_all, ctrl.structure, ctrl.widths(),
+                          keep=budget, cost="latency", latency=table, round_to=a.round_to)
+
+        def measured(sel):  # the chosen network over dense, measured side by side
+            got = measure_like(table, {"d": dense, "n": _plain(model, sel.alive)}, dev,
+                               rounds=a.verify_rounds)
+            return got["n"]["median_ms"] / got["d"]["median_ms"]
+
         try:
-            sel = choose(ctrl.units, gates, alive_all, ctrl.structure, ctrl.widths(), keep=keep,
-                         cost="latency", latency=table, round_to=a.round_to)
+            sel, tries = (select_measured(select, measured, keep, iters=a.verify_iters)
+                          if a.verify_iters else (select(keep), None))
         except ValueError as e:  # below what this coupling can remove
             print(f"keep {keep:g}: skipped ({e})")
             skipped[str(keep)] = str(e)
@@ -187,6 +206,11 @@ def _networks(a, model, ctrl, table, dev):
         models[name] = _plain(model, sel.alive)
         rows[name] = {"keep": keep, "predicted_ms": sel.latency_ms,
                       "widths": _unit_widths(ctrl, sel.alive)}
+        if tries is not None:
+            rows[name]["measured_budget"] = tries
+            print(f"{name}: budgets tried " + ", ".join(
+                f"{h['budget']:.3f} -> measured {h['measured']:.3f}" if "measured" in h
+                else f"{h['budget']:.3f} -> {h['error']}" for h in tries))
         found = _match_uniform(a, ctrl, table, model, models[name], keep, dev)
         if found is not None:
             uni, k_u = found
@@ -236,7 +260,10 @@ def _print_rows(rows, alt_fit) -> None:
 
 
 def main(argv=None) -> dict:
-    a = _parser().parse_args(argv)
+    ap = _parser()
+    a = ap.parse_args(argv)
+    if a.verify_iters < 0 or a.verify_rounds < 1:
+        ap.error("--verify-iters must be >= 0 and --verify-rounds >= 1")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(a.seed)
     size = (1, 3, a.size, a.size)
