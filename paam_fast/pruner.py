@@ -16,6 +16,7 @@ dense to ``keep``, then physical removal).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -76,6 +77,12 @@ class Pruner:
             "budget" (|mean gate − keep|, with ``keep`` or ``target`` as the budget).
         select_key, select_beta, select_allocation: what selection ranks filters by and how it
             allocates the budget (see :func:`paam_fast.select`).
+        measure, verify_iters: with ``verify_iters`` > 0 (``select_cost="latency"`` and
+            ``keep`` only), the last cut meets ``keep`` as measured: ``measure(model)`` gives the
+            masked model's latency over the dense one's on the target device, and while it is
+            over ``keep`` the cut is made again at a budget scaled by ``keep`` / that, at most
+            ``verify_iters`` times (:func:`paam_fast.measured_budget.select_measured`; the tries
+            are in the select event's ``measured_budget``).
         importance: for a measured key (``select_key="taylor"``), a function of no arguments
             that measures the per-unit values at each selection event (e.g. a closure over
             :func:`paam_fast.selection.taylor.taylor_importance` and a few training batches).
@@ -89,7 +96,9 @@ class Pruner:
                  min_keep: float = 0.05, round_to: int = 1, target_gain: float = 1.0,
                  balance: str = "filter", select_key: str = "gate",
                  select_beta: float = 0.0, select_allocation: str = "global",
-                 latency=None, importance=None) -> None:
+                 latency=None, importance=None,
+                 measure: Callable[[nn.Module], float] | None = None,
+                 verify_iters: int = 0) -> None:
         self.model = _unwrap(model)
         controller(self.model)
         if not isinstance(epochs, int) or epochs < 1:
@@ -139,6 +148,12 @@ class Pruner:
         elif importance is not None:
             raise ValueError(f"importance= is only used by a measured key "
                              f"({sorted(MEASURED_KEYS)})")
+        if isinstance(verify_iters, bool) or not isinstance(verify_iters, int) or verify_iters < 0:
+            raise ValueError(f"verify_iters must be a non-negative integer, got {verify_iters!r}")
+        if verify_iters and (select_cost != "latency" or keep is None or measure is None):
+            raise ValueError("verify_iters > 0 meets a latency budget as measured: it needs "
+                             "select_cost='latency', keep= and measure=")
+        self.measure, self.verify_iters = measure, verify_iters
         self.importance = importance
         self.balance = balance
         if select_allocation not in ("global", "uniform"):
@@ -223,7 +238,10 @@ class Pruner:
             kw = dict(self.select_kw)
             if self.importance is not None:
                 kw["importance"] = self.importance()
-            if self.after_select == "compact":
+            tries = None
+            if self.verify_iters and k == len(plan) - 1:  # the last cut, met as measured
+                sel, tries = self._select_measured(kw)
+            elif self.after_select == "compact":
                 sel = (select(self.model, keep=self.keep, cost=self.select_cost,
                               min_keep=self.min_keep, round_to=self.round_to, **kw)
                        if self.keep is not None else
@@ -238,12 +256,33 @@ class Pruner:
                              min_keep=self.min_keep, round_to=self.round_to, **kw)
             _broadcast_masks(self.model)
             self.events_done += 1
-            events.append({"epoch": epoch, "event": "select", "index": k, **sel.to_dict()})
+            events.append({"epoch": epoch, "event": "select", "index": k, **sel.to_dict(),
+                           **({"measured_budget": tries} if tries is not None else {})})
         if self.events_done == len(plan) and (self.after_select == "compact"
                                               or done >= self.final_epoch):
             widths = compact(self.model, self.optimizer)
             events.append({"epoch": epoch, "event": "compact", "widths": widths})
         return events
+
+    def _select_measured(self, kw: dict):
+        """The last cut at ``keep`` of the latency as measured (:mod:`.measured_budget`): every
+        try starts from the masks before it; the chosen one's masks are left applied."""
+        from .measured_budget import select_measured
+
+        ctrl = controller(self.model)
+        before = {u.name: m.clone() for u, m in zip(ctrl.units, ctrl.masks())}
+
+        def at(budget):
+            apply_masks(self.model, {n: m.clone() for n, m in before.items()})
+            return select(self.model, keep=budget, cost=self.select_cost,
+                          min_keep=self.min_keep, round_to=self.round_to, **kw)
+
+        sel, tries = select_measured(at, lambda _: self.measure(self.model), self.keep,
+                                     iters=self.verify_iters)
+        chosen = next(h for h in tries if h.get("chosen"))
+        if tries[-1] is not chosen:  # the masks applied are another try's: the chosen again
+            sel = at(chosen["budget"])
+        return sel, tries
 
     # --------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:

@@ -315,7 +315,9 @@ class Run:
                                  select_allocation=args.select_allocation,
                                  latency=self.latency,
                                  importance=(self._taylor_importance
-                                             if args.select_key == "taylor" else None))
+                                             if args.select_key == "taylor" else None),
+                                 measure=self._measured_ratio if args.latency_verify else None,
+                                 verify_iters=args.latency_verify)
         self.epoch = 0
         self.global_step = 0
         self.history: list[dict] = []
@@ -368,6 +370,17 @@ class Run:
             table.save(path)
         return table
 
+    def _measured_ratio(self, model) -> float:
+        """The masked ``model`` exported and measured against a fresh dense network, side by
+        side, as the latency table measures (--latency-verify)."""
+        from .export import export
+        from .latency import measure_like
+
+        dense = get_model(self.args.arch, num_classes=len(self.data.classes))
+        got = measure_like(self.latency, {"dense": dense, "net": export(model)}, self.dev,
+                           rounds=5)
+        return got["net"]["median_ms"] / got["dense"]["median_ms"]
+
     def _latency_report(self) -> dict:
         """The exported network's latency: the table's prediction, and measured beside a fresh
         dense network, interleaved, with the table's batch, dtype and memory format."""
@@ -386,7 +399,11 @@ class Run:
                 "measured_p20_p80_ms": [got["final"]["p20_ms"], got["final"]["p80_ms"]],
                 "dense_table_ms": table.dense_ms, "dense_measured_ms": dense_ms,
                 "ratio_to_dense_predicted": pred / table.dense_ms,
-                "ratio_to_dense_measured": meas / dense_ms, "table_check": table.check}
+                "ratio_to_dense_measured": meas / dense_ms, "table_check": table.check,
+                # --latency-verify: every budget tried at the cut, as measured then
+                "measured_budget": next((e["measured_budget"] for h in reversed(self.history)
+                                         for e in h.get("events", ())
+                                         if "measured_budget" in e), None)}
 
     # ---- model wrappers (DDP, compile, CUDA graphs): rebuilt after every compaction
     def _wrap(self) -> None:

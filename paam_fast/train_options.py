@@ -145,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
       "the layers' sum is fixed; scale = fixed and a scale fitted to the dense and half-width "
       "networks (ours); curve = piecewise linear through the dense, three-quarter-, half-, "
       "quarter- and eighth-width networks (ours, the default; paam_fast.latency)")
+    a("--latency-verify", type=int, default=0, metavar="N", help="meet --keep of the latency "
+      "as measured: the pruned network is measured against dense on this device at the cut and, "
+      "while over --keep, cut again at a budget scaled by keep / its measured ratio, at most N "
+      "times (paam_fast.measured_budget; with --select-cost latency and --keep)")
     a("--select-key", default=None, choices=["gate", "unit_mean", "taylor"],
       help="what selection ranks filters by (ours): gate = g; unit_mean = g / its unit's mean g "
            "(comparable across units of different widths); taylor = |g·dL/dg| over "
@@ -257,6 +261,7 @@ _RANGES = [
     ("--max-steps", "max_steps", lambda v: v >= 1, "a positive integer"),
     ("--bn-reestimate", "bn_reestimate", lambda v: v >= 0, "an integer ≥ 0"),
     ("--latency-batch", "latency_batch", lambda v: v >= 1, "a positive integer"),
+    ("--latency-verify", "latency_verify", lambda v: v >= 0, "a non-negative integer"),
     ("--taylor-batches", "taylor_batches", lambda v: v >= 1, "a positive integer"),
     ("--score-warmup", "score_warmup", lambda v: _finite(v) and v >= 0, "a number ≥ 0"),
     ("--score-lr-scale", "score_lr_scale", lambda v: _finite(v) and v > 0, "a positive number"),
@@ -338,6 +343,9 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         if args.method not in ("paam", "slim"):
             raise UsageError(f"--fork-from forks a selection; --method {args.method} has none")
         fork.check_source(args, args.fork_from, vars(build_parser().parse_args([])))
+    if args.latency_verify and not (args.select_cost == "latency" and args.keep is not None
+                                    and args.method in ("paam", "slim")):
+        raise UsageError("--latency-verify needs --select-cost latency and --keep (paam or slim)")
     if args.latency_table is not None:
         if "latency" not in (args.select_cost, args.cost):
             raise UsageError("--latency-table is used only with --select-cost latency or "

@@ -434,6 +434,15 @@ def test_paam_train_at_a_latency_budget(tmp_path, capsys, monkeypatch):
     assert lat["predicted_ms"] <= 0.9 * table.dense_ms * (1 + 1e-9)
     assert lat["measured_ms"] > 0 and lat["dense_measured_ms"] > 0
     assert lat["error"] == pytest.approx(lat["measured_ms"] / lat["predicted_ms"] - 1)
+    assert lat["measured_budget"] is None  # the table's choice, not measured at the cut
+    # --latency-verify: the cut measured against dense, made again while over the budget
+    out4 = str(tmp_path / "run4")
+    assert main(argv[:-2] + ["--out", out4, "--latency-table", table_path,
+                             "--latency-verify", "2"]) == 0
+    tries = json.load(open(os.path.join(out4, "report.json")))["latency"]["measured_budget"]
+    assert 1 <= len(tries) <= 3 and tries[0]["budget"] == 0.9
+    assert sum(h.get("chosen", False) for h in tries) == 1
+    assert all(b["budget"] < a["budget"] for a, b in zip(tries, tries[1:]))
     # the table of one run is another's --latency-table; another model's is refused
     out2 = str(tmp_path / "run2")
     assert main(argv[:-2] + ["--epochs", "1", "--out", out2, "--latency-table", table_path,
@@ -450,6 +459,8 @@ def test_paam_train_at_a_latency_budget(tmp_path, capsys, monkeypatch):
     (["--latency-table", "x.json"], "--latency-table is used only with"),
     (["--select-cost", "latency", "--latency-table", "/nonexistent.json"], "cannot read"),
     (["--select-cost", "latency", "--latency-batch", "0"], "--latency-batch must be"),
+    (["--latency-verify", "1", "--keep", "0.5"], "--latency-verify needs --select-cost latency"),
+    (["--select-cost", "latency", "--latency-verify", "-1"], "--latency-verify must be"),
 ])
 def test_bad_latency_options_exit_2(tmp_path, capsys, argv, msg):
     out = tmp_path / "x"
