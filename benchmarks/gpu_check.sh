@@ -59,9 +59,9 @@ if [ "$ONLY" = latency ]; then
     R20="--arch resnet20 --size 32 --num-classes 10 --batch 256 --round-to 1"; LT="--dtype bfloat16 --channels-last"
   fi
   for cpl in grouped internal; do
-    part "latency_resnet50_$cpl" 150 python -m paam_fast.bench.latency $R50 $LT --coupling $cpl --keeps 0.3 0.5 0.7 --refit-in-window
+    part "latency_resnet50_$cpl" 150 python -m paam_fast.bench.latency $R50 $LT --coupling $cpl --keeps 0.3 0.5 0.7 --refit-in-window --verify-iters 2
   done
-  part latency_resnet20_grouped 90 python -m paam_fast.bench.latency $R20 $LT --coupling grouped --keeps 0.3 0.5 0.7 --refit-in-window
+  part latency_resnet20_grouped 90 python -m paam_fast.bench.latency $R20 $LT --coupling grouped --keeps 0.3 0.5 0.7 --refit-in-window --verify-iters 2
 else
 
 PYT="python -m pytest -q -p no:cacheprovider"
