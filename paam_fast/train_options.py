@@ -144,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
       "measured latency table turns its layers into the network's latency: rest = dense minus "
       "the layers' sum is fixed; scale = fixed and a scale fitted to the dense and half-width "
       "networks (ours); curve = piecewise linear through the dense, three-quarter-, half-, "
-      "quarter- and eighth-width networks (ours, the default; paam_fast.latency)")
+      "three-eighths-, quarter- and eighth-width networks (ours, the default; "
+      "paam_fast.latency)")
     a("--latency-verify", type=int, default=0, metavar="N", help="meet --keep of the latency "
       "as measured: the pruned network is measured against dense on this device at the cut and, "
       "while over --keep, cut again at a budget scaled by keep / its measured ratio, at most N "
