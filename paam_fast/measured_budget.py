@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["select_measured"]
+__all__ = ["select_measured", "measured_ratio"]
 
 
 def select_measured(select: Callable[[float], Any], measure: Callable[[Any], float], keep: float,
@@ -63,3 +63,12 @@ def select_measured(select: Callable[[float], Any], measure: Callable[[Any], flo
     sel, h = met[-1] if met else min(tried, key=lambda t: t[1]["measured"])
     h["chosen"] = True
     return sel, history
+
+
+def measured_ratio(table, dense, net, device=None, rounds: int = 5) -> float:
+    """Plain network ``net``'s latency over plain ``dense``'s, measured side by side as
+    ``table`` was (its batch, dtype, memory format and clock; interleaved rounds)."""
+    from .latency import measure_like
+
+    got = measure_like(table, {"dense": dense, "net": net}, device, rounds=rounds)
+    return got["net"]["median_ms"] / got["dense"]["median_ms"]

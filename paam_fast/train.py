@@ -374,12 +374,10 @@ class Run:
         """The masked ``model`` exported and measured against a fresh dense network, side by
         side, as the latency table measures (--latency-verify)."""
         from .export import export
-        from .latency import measure_like
+        from .measured_budget import measured_ratio
 
         dense = get_model(self.args.arch, num_classes=len(self.data.classes))
-        got = measure_like(self.latency, {"dense": dense, "net": export(model)}, self.dev,
-                           rounds=5)
-        return got["net"]["median_ms"] / got["dense"]["median_ms"]
+        return measured_ratio(self.latency, dense, export(model), self.dev)
 
     def _latency_report(self) -> dict:
         """The exported network's latency: the table's prediction, and measured beside a fresh

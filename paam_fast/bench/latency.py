@@ -33,7 +33,7 @@ import torch
 
 import paam_fast as pf
 from paam_fast.latency import CHECKED, LatencyTable, _fraction_alive, latency_table, measure_like
-from paam_fast.measured_budget import select_measured
+from paam_fast.measured_budget import measured_ratio, select_measured
 from paam_fast.paamify import controller
 from paam_fast.selection import choose, uniform_alive
 
@@ -191,9 +191,7 @@ def _networks(a, model, ctrl, table, dev):
                           keep=budget, cost="latency", latency=table, round_to=a.round_to)
 
         def measured(sel):  # the chosen network over dense, measured side by side
-            got = measure_like(table, {"d": dense, "n": _plain(model, sel.alive)}, dev,
-                               rounds=a.verify_rounds)
-            return got["n"]["median_ms"] / got["d"]["median_ms"]
+            return measured_ratio(table, dense, _plain(model, sel.alive), dev, a.verify_rounds)
 
         try:
             sel, tries = (select_measured(select, measured, keep, iters=a.verify_iters)

@@ -95,8 +95,9 @@ def choose(units: list[Space], gates: list[torch.Tensor], alive: list[torch.Tens
     if allocation == "uniform" and keep is None:
         raise ValueError("allocation='uniform' needs a budget (keep=)")
     _check(units, gates, keep, mass, min_keep, round_to)
-    if cost == "latency" and latency.mismatch(round_to):
-        warnings.warn(latency.mismatch(round_to), stacklevel=2)
+    why = latency.mismatch(round_to) if cost == "latency" else None
+    if why:
+        warnings.warn(why, stacklevel=2)
     mult = [getattr(u, "groups", 1) for u in units]
     n_alive = [int(a.sum()) for a in collapse(units, gates, alive).alive]
     floors = [min(n, max(1, math.ceil(min_keep * u.width / gm)))
